@@ -415,7 +415,7 @@ def standardize_state_dict(state_dict, lora_alpha=None):
     return out
 
 
-def load_universal_state_dict(model, state_dict, lora_alpha=None, source='checkpoint'):
+def load_universal_state_dict(model, state_dict, lora_alpha=None, source='the checkpoint'):
     """
     Load any of our state dicts (standard, merged, LoRA-shaped, compiled or DDP-wrapped) into `model`,
     whatever its adapter configuration, strictly. Keys are mapped explicitly: standard `X.weight`/`X.bias`
@@ -461,9 +461,9 @@ def describe_mismatch(source, config, missing, unexpected, misshapen, mapped, ta
         shapes = [f'{k} (checkpoint {list(mapped[k].shape)} vs model {list(target[k].shape)})' for k in misshapen]
         parts.append(f'{len(misshapen)} tensors have the wrong shape: {first(shapes)}')
     if missing:
-        parts.append(f'{len(missing)} keys are missing from the {source}: {first(missing)}')
+        parts.append(f'{len(missing)} keys are missing from {source}: {first(missing)}')
     if unexpected:
-        parts.append(f'{len(unexpected)} keys in the {source} have no place in the model: {first(unexpected)}')
-    return (f"Cannot load the {source} into GPT({base}): " + '; '.join(parts) +
+        parts.append(f'{len(unexpected)} keys in {source} have no place in the model: {first(unexpected)}')
+    return (f"Cannot load {source} into GPT({base}): " + '; '.join(parts) +
             ". The checkpoint was made for another architecture; build the model from the checkpoint's own config. "
             "Nothing was loaded.")
