@@ -255,7 +255,7 @@ class GPT(nn.Module):
         """
         lora = self.config.uses_lora
         for name, p in self.named_parameters():
-            is_factor = '.lora_A.' in name or '.lora_B.' in name
+            is_factor = is_lora_factor(name)
             is_norm_or_bias = name.endswith('.bias') or '.ln_' in name
             p.requires_grad = (not lora) or is_factor or (self.config.lora_train_norms_biases and is_norm_or_bias)
 
@@ -298,11 +298,15 @@ class GPT(nn.Module):
         """
         return standardize_state_dict(self.state_dict(), self.config.lora_alpha)
 
+    def optimizer_groups(self):
+        """ nanoGPT's two AdamW groups as (name, param) lists: 2D tensors (matmuls, embeddings) decay,
+        biases and norms don't; only parameters that train. Its order is the one nanoGPT's ckpt.pt relies on. """
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        return [(n, p) for n, p in params if p.dim() >= 2], [(n, p) for n, p in params if p.dim() < 2]
+
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        # only the parameters that train; 2D ones (matmuls, embeddings) decay, biases and norms don't
-        param_dict = {pn: p for pn, p in self.named_parameters() if p.requires_grad}
-        decay_params = [p for n, p in param_dict.items() if p.dim() >= 2]
-        nodecay_params = [p for n, p in param_dict.items() if p.dim() < 2]
+        decay, nodecay = self.optimizer_groups()
+        decay_params, nodecay_params = [p for _, p in decay], [p for _, p in nodecay]
         optim_groups = [
             {'params': decay_params, 'weight_decay': weight_decay},
             {'params': nodecay_params, 'weight_decay': 0.0}
@@ -350,6 +354,13 @@ class GPT(nn.Module):
 
 WRAPPER_PREFIXES = ('_orig_mod.', 'module.') # torch.compile and DDP wrappers
 
+def standard_key(key):
+    """ the name a weight has in the standard model: an adapter's main_weight is the plain layer """
+    return key.replace('.main_weight.', '.')
+
+def is_lora_factor(key):
+    return '.lora_A.' in key or '.lora_B.' in key
+
 class CheckpointMismatchError(ValueError):
     """ the checkpoint's weights do not fit the model; the message lists what differs """
 
@@ -389,7 +400,7 @@ def standardize_state_dict(state_dict, lora_alpha=None):
     sd = {k: v for k, v in sd.items() if not (k.endswith('.attn.bias') and v.dim() == 4)}
     out, merged_embedding = {}, False
     for k, v in sd.items():
-        if '.lora_A.' in k or '.lora_B.' in k:
+        if is_lora_factor(k):
             continue # merged into their main weight below
         if k.endswith('.main_weight.weight'):
             module = k[:-len('.main_weight.weight')]
@@ -404,7 +415,7 @@ def standardize_state_dict(state_dict, lora_alpha=None):
                     raise CheckpointMismatchError(f"merging the LoRA adapter of {module} gave NaN/inf weights: "
                                                   "the adapter has diverged; nothing was saved or loaded")
                 merged_embedding |= module == 'transformer.wte'
-        out[k.replace('.main_weight.', '.')] = v
+        out[standard_key(k)] = v
     # nanoGPT ties lm_head to wte, so the head of a merged model is the merged embedding
     wte, head = out.get('transformer.wte.weight'), out.get('lm_head.weight')
     if wte is not None and (head is None or merged_embedding):
@@ -415,41 +426,53 @@ def standardize_state_dict(state_dict, lora_alpha=None):
     return out
 
 
-def load_universal_state_dict(model, state_dict, lora_alpha=None, source='the checkpoint'):
+def load_universal_state_dict(model, state_dict, lora_alpha=None, source='the checkpoint', adapters=None):
     """
     Load any of our state dicts (standard, merged, LoRA-shaped, compiled or DDP-wrapped) into `model`,
     whatever its adapter configuration, strictly. Keys are mapped explicitly: standard `X.weight`/`X.bias`
     go to `X.main_weight.*` where the model has an adapter. The only keys allowed to be missing are LoRA
-    factors; they are initialised fresh (update = 0, so the loaded function is preserved) and reported.
-    Anything else missing, unexpected or misshapen raises CheckpointMismatchError and leaves the model as it was.
-    Returns a report dict: remapped, fresh_lora (module names), merged_source_lora.
+    factors. They start fresh (update = 0, so the loaded function is preserved), unless `adapters` holds
+    factors of the same shapes, saved by a run with this model's adapter config: then they are restored and
+    their update is taken out of the merged base (base = merged - B@A*alpha/r), to continue that run exactly.
+    Anything else missing, unexpected or misshapen raises CheckpointMismatchError; the model is unchanged.
+    Returns a report dict: remapped (count), fresh_lora, restored_lora, merged_source_lora (module names).
     """
     sd = standardize_state_dict(state_dict, lora_alpha)
     target = model.state_dict()
     mapped, remapped = {}, 0
     for k, v in sd.items():
-        lora_k = k[:k.rindex('.')] + '.main_weight' + k[k.rindex('.'):]
-        if k not in target and lora_k in target:
-            k, remapped = lora_k, remapped + 1
+        module, leaf = k.rsplit('.', 1)
+        if k not in target and f'{module}.main_weight.{leaf}' in target:
+            k, remapped = f'{module}.main_weight.{leaf}', remapped + 1
         mapped[k] = v
 
     missing = [k for k in target if k not in mapped]
-    fresh = [k for k in missing if '.lora_A.' in k or '.lora_B.' in k]
-    missing = [k for k in missing if k not in fresh]
+    factors = [k for k in missing if is_lora_factor(k)]
+    missing = [k for k in missing if not is_lora_factor(k)]
     unexpected = [k for k in mapped if k not in target]
     misshapen = [k for k in mapped if k in target and mapped[k].shape != target[k].shape]
     if missing or unexpected or misshapen:
         raise CheckpointMismatchError(describe_mismatch(source, model.config, missing, unexpected, misshapen, mapped, target))
 
-    # the new factors start fresh: keep the model's own tensors for them so the load itself stays strict
-    for k in fresh:
-        mapped[k] = target[k]
+    adapters = strip_wrapper_prefixes(adapters or {})
+    restore = {k.rsplit('.lora_', 1)[0] for k in factors}
+    restore = {m for m in restore if all(k in adapters and adapters[k].shape == target[k].shape
+                                         for k in (f'{m}.lora_A.weight', f'{m}.lora_B.weight'))}
+    for m in restore:
+        A, B = adapters[f'{m}.lora_A.weight'], adapters[f'{m}.lora_B.weight']
+        mapped[f'{m}.lora_A.weight'], mapped[f'{m}.lora_B.weight'] = A, B
+        base = f'{m}.main_weight.weight'
+        mapped[base] = merge_lora_factors(mapped[base], A, B, -model.config.lora_alpha)  # the same rule, run backwards
+    if 'transformer.wte' in restore:
+        mapped['lm_head.weight'] = mapped['transformer.wte.main_weight.weight']  # the head is tied to the base table
+    fresh = sorted({k.rsplit('.lora_', 1)[0] for k in factors} - restore)
+    for k in factors:
+        mapped.setdefault(k, target[k])  # placeholders, re-initialised below: the load itself stays strict
     model.load_state_dict(mapped, strict=True)
-    fresh_modules = sorted({k.rsplit('.lora_', 1)[0] for k in fresh})
-    for name in fresh_modules:
-        model.get_submodule(name).reset_lora_parameters()
+    for m in fresh:
+        model.get_submodule(m).reset_lora_parameters()
     merged_source = sorted({k.rsplit('.lora_', 1)[0] for k in strip_wrapper_prefixes(state_dict) if '.lora_A.' in k})
-    return dict(remapped=remapped, fresh_lora=fresh_modules, merged_source_lora=merged_source)
+    return dict(remapped=remapped, fresh_lora=fresh, restored_lora=sorted(restore), merged_source_lora=merged_source)
 
 
 def describe_mismatch(source, config, missing, unexpected, misshapen, mapped, target, show=4):

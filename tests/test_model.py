@@ -235,3 +235,26 @@ def test_merge_keeps_stored_dtype():
     exact = attn.main_weight.weight.float() + attn.lora_B.weight.float() @ attn.lora_A.weight.float() * (1.0 / 4)
     # one rounding to bf16 at the end, not one per operation
     assert torch.equal(merged['transformer.h.0.attn.c_attn.weight'], exact.to(torch.bfloat16))
+
+
+def test_same_config_resume_restores_adapters_exactly():
+    cfg = dict(attn_lora_rank=4, mlp_lora_rank=2, embedding_mode='lora', embedding_rank=3, lora_alpha=8.0)
+    trained = perturb_adapters(make(**cfg))
+    merged = trained.get_merged_state_dict()
+    factors = {k: v for k, v in trained.state_dict().items() if 'lora_' in k}
+    resumed = make(seed=11, **cfg)
+    report = load_universal_state_dict(resumed, merged, adapters={'_orig_mod.' + k: v for k, v in factors.items()})
+    assert report['fresh_lora'] == [] and len(report['restored_lora']) == 2 * 2 * 2 + 1
+    for k, v in trained.state_dict().items():
+        if 'lora_' in k:
+            assert torch.equal(resumed.state_dict()[k], v), k  # factors bit-exact
+        else:
+            torch.testing.assert_close(resumed.state_dict()[k], v, rtol=0, atol=1e-6)  # base = merged - update
+    assert resumed.lm_head.weight is resumed.transformer.wte.main_weight.weight
+    idx = batch()
+    torch.testing.assert_close(logits_of(resumed, idx), logits_of(trained, idx), rtol=0, atol=1e-5)
+    # factors of another rank are not restored: those adapters start fresh and the function is still preserved
+    other = make(seed=12, **{**cfg, 'attn_lora_rank': 8})
+    report = load_universal_state_dict(other, merged, adapters=factors)
+    assert 'transformer.h.0.attn.c_attn' in report['fresh_lora'] and 'transformer.h.0.mlp.c_fc' in report['restored_lora']
+    torch.testing.assert_close(logits_of(other, idx), logits_of(trained, idx), rtol=0, atol=1e-5)
