@@ -11,6 +11,7 @@ checkpoint is a plain nanoGPT state dict; load_universal_state_dict maps it back
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -222,6 +223,13 @@ class GPT(nn.Module):
             if isinstance(m, (LoRALinear, LoRAEmbedding)):
                 m.reset_lora_parameters()
         self.set_trainable()
+        self.tokenizer_spec = None # the tokenizer this model reads (core/tokenizer.py spec), saved with it
+
+    @classmethod
+    def on_meta(cls, config):
+        """ the model's structure without memory or init, to read names and shapes """
+        with torch.device('meta'):
+            return cls(config)
 
     def token_table(self):
         """ the nn.Embedding holding the token table (the base table under an embedding adapter) """
@@ -328,6 +336,48 @@ class GPT(nn.Module):
         flops_achieved = flops_per_iter * (1.0/dt) # per second
         flops_promised = 312e12 # A100 GPU bfloat16 peak flops is 312 TFLOPS
         return flops_achieved / flops_promised
+
+    # seed 003's notebook-style API: thin calls into core/checkpoint.py and core/training.py
+
+    def save(self, checkpoint_dir):
+        """ only model.pt: the universal merged weights """
+        from core.checkpoint import MODEL_FILE, atomic_write
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        merged = self.get_merged_state_dict()
+        atomic_write(os.path.join(checkpoint_dir, MODEL_FILE), lambda f: torch.save(merged, f))
+
+    def save_checkpoint_bundle(self, checkpoint_dir, step, optimizer_state=None, **state):
+        """ the whole bundle; optimizer_state: an optimizer, its state_dict() or a named state """
+        from core.checkpoint import save_bundle
+        return save_bundle(checkpoint_dir, self, step, optimizer_state, **state)
+
+    @classmethod
+    def load_legacy(cls, path, map_location='cpu'):
+        """ a single-file checkpoint -> (model, tokenizer spec, step, named optimizer state or None) """
+        from core.checkpoint import read_checkpoint
+        ck = read_checkpoint(path)
+        model, _ = ck.build_model(map_location)
+        return model, ck.tokenizer, ck.step, ck.optimizer_state()
+
+    def fit(self, data_loader, optimizer, max_iters, checkpoint_dir=None, start_step=0, save_interval=None,
+            grad_clip=1.0, log_interval=100):
+        """
+        A small training loop over an iterable of (X, Y) batches, with train.py's step and save code.
+        Saves a bundle to checkpoint_dir every save_interval steps and at the end. Returns the losses.
+        """
+        from core.training import train_step, save_checkpoint
+        batches = iter(data_loader)
+        batch, losses = next(batches), []
+        self.train()
+        for step in range(start_step, max_iters):
+            loss, batch = train_step(self, optimizer, batch, lambda: next(batches, batch), grad_clip=grad_clip)
+            losses.append(loss)
+            if log_interval and step % log_interval == 0:
+                print(f"step {step}: loss {loss:.4f}")
+            done = step + 1
+            if checkpoint_dir and ((save_interval and done % save_interval == 0) or done == max_iters):
+                save_checkpoint(checkpoint_dir, self, optimizer, done, None, None)
+        return losses
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):

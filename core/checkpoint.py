@@ -1,0 +1,479 @@
+"""
+The checkpoint bundle: one directory per checkpoint (seed 003's layout).
+
+  model.pt             the universal merged weights: a flat dict name -> tensor under standard nanoGPT keys
+  config.json          the architecture of those weights (GPTConfig, adapter ranks 0) and a format version
+  tokenizer.json       the tokenizer spec (core/tokenizer.py)
+  training_state.json  step, best_val_loss, the evaluation of these weights, adapter config, run config, RNG
+  optimizer.pt         optional: optimizer state keyed by parameter *name*, so it survives a change of the
+                       trainable set (standard <-> LoRA, rank changes)
+  adapter.pt           only after LoRA training: the factors, so a resume with the same adapter config
+                       continues the same trajectory instead of starting its adapters afresh
+
+read_checkpoint(path) takes a bundle, a directory holding a legacy file, or a legacy file (nanoGPT's
+ckpt.pt, older latest.pt / final.pt), recognised by content, not name. Nothing here unpickles objects: every
+torch.load passes weights_only=True, and nanoGPT's meta.pkl is read by an unpickler that refuses all classes.
+"""
+
+import base64
+import dataclasses
+import json
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import torch
+
+from model import (GPT, GPTConfig, BASE_FIELDS, CheckpointMismatchError, is_lora_factor,
+                   load_universal_state_dict, standard_key, standardize_state_dict)
+from core.tokenizer import char_spec, load_tokenizer
+
+FORMAT_VERSION = 1
+MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = 'model.pt', 'config.json', 'tokenizer.json'
+STATE_FILE, OPTIMIZER_FILE, ADAPTER_FILE = 'training_state.json', 'optimizer.pt', 'adapter.pt'
+LEGACY_NAMES = ('latest.pt', 'final.pt', 'ckpt.pt')  # looked for, in this order, in a directory with no bundle
+ADAPTER_FIELDS = ('embedding_mode', 'attn_lora_rank', 'embedding_rank', 'mlp_lora_rank', 'lora_alpha',
+                  'lora_dropout', 'lora_train_norms_biases')
+STANDARD = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name in ADAPTER_FIELDS}
+
+
+class CheckpointError(ValueError):
+    """ a checkpoint that cannot be read: the message names the file, what was expected and what was found """
+
+
+# -----------------------------------------------------------------------------
+# files
+
+def atomic_write(path, write):
+    # a crash mid-write leaves the old file, never half a new one
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + '\n').encode()))
+
+
+def read_json(path):
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f'{path} is missing: a checkpoint bundle needs it') from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f'{path} is not valid JSON ({e}); expected the JSON object this toolkit writes') from None
+
+
+def load_tensors(path, map_location='cpu'):
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else 'unsupported content'
+        raise CheckpointError(
+            f'{path} holds more than tensors and plain containers, so it was not loaded: unpickling it could run '
+            f'code. torch said: {reason}') from None
+    except FileNotFoundError:
+        raise CheckpointError(f'{path} does not exist') from None
+    except Exception as e:  # truncated or damaged zip, empty file, not a torch file at all
+        raise CheckpointError(f'{path} could not be read as a PyTorch tensor file (damaged or truncated?): '
+                              f'{type(e).__name__}: {e}') from None
+
+
+def b64(tensor):
+    return base64.b64encode(tensor.cpu().numpy().tobytes()).decode()
+
+
+def unb64(text):
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def rng_state():
+    state = {'torch': b64(torch.get_rng_state())}
+    if torch.cuda.is_available():
+        state['cuda'] = [b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(unb64(state['torch']))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([unb64(s) for s in state['cuda']])
+
+
+# -----------------------------------------------------------------------------
+# config.json
+
+def adapter_config(config):
+    return {f: getattr(config, f) for f in ADAPTER_FIELDS}
+
+
+def config_to_json(config):
+    """ the architecture of the merged weights: the base fields with every adapter off """
+    return {'format_version': FORMAT_VERSION, **dataclasses.asdict(config), **STANDARD}
+
+
+def config_from_dict(data, source):
+    """ GPTConfig from a JSON or legacy dict: unknown fields ignored with a warning, missing ones default """
+    fields = {f.name: f for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(k for k in data if k not in fields and k != 'format_version')
+    if unknown:
+        warnings.warn(f'{source}: ignoring fields that are not part of GPTConfig: {", ".join(unknown)}', stacklevel=2)
+    kwargs = {}
+    for k, v in data.items():
+        if k not in fields:
+            continue
+        want = type(fields[k].default)
+        if want is float and type(v) is int:
+            v = float(v)
+        if type(v) is not want:
+            raise CheckpointError(f'{source}: field {k!r} should be a {want.__name__}, found {v!r} ({type(v).__name__})')
+        kwargs[k] = v
+    try:
+        return GPTConfig(**kwargs)
+    except ValueError as e:
+        raise CheckpointError(f'{source}: {e}') from None
+
+
+def infer_base_config(state_dict):
+    """ what the weights themselves say about the architecture (all but n_head, which no shape tells) """
+    sd = standardize_state_dict(state_dict, lora_alpha=1.0)  # the scale does not change shapes
+    try:
+        wte, wpe = sd['transformer.wte.weight'], sd['transformer.wpe.weight']
+        layers = {int(k.split('.')[2]) for k in sd if k.startswith('transformer.h.')}
+        return dict(vocab_size=wte.shape[0], n_embd=wte.shape[1], block_size=wpe.shape[0], n_layer=max(layers) + 1,
+                    bias='transformer.ln_f.bias' in sd, n_hidden=sd['transformer.h.0.mlp.c_fc.weight'].shape[0])
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f'the weights are not a nanoGPT GPT state dict (no {e} key)') from None
+
+
+# -----------------------------------------------------------------------------
+# optimizer state keyed by parameter name
+
+def name_optimizer_state(positional, names):
+    """ an optimizer.state_dict() with positions replaced by names (names[i] = parameter at position i) """
+    return {'state': {names[i]: s for i, s in positional['state'].items()},
+            'param_groups': [{**{k: v for k, v in g.items() if k != 'params'}, 'params': [names[i] for i in g['params']]}
+                             for g in positional['param_groups']]}
+
+
+def named_optimizer_state(model, optimizer):
+    """ optimizer state keyed by the standard name of each parameter """
+    if isinstance(optimizer, dict):  # a state_dict without its optimizer: it must follow configure_optimizers' order
+        names = positional_names(model, optimizer)
+        if names is None:
+            raise CheckpointError('the optimizer state does not follow configure_optimizers() order for this model; '
+                                  'pass the optimizer itself so its parameters can be named')
+        return name_optimizer_state(optimizer, names)
+    name_of = {id(p): standard_key(n) for n, p in model.named_parameters()}
+    return name_optimizer_state(optimizer.state_dict(), [name_of[id(p)] for g in optimizer.param_groups for p in g['params']])
+
+
+def positional_names(model, positional):
+    """ names for a positional state made by configure_optimizers (nanoGPT's order), or None if it doesn't fit """
+    groups = model.optimizer_groups()
+    if [len(g['params']) for g in positional['param_groups']] != [len(g) for g in groups]:
+        return None
+    params = [(standard_key(n), p) for g in groups for n, p in g]
+    for i, s in positional['state'].items():
+        if 'exp_avg' in s and s['exp_avg'].shape != params[i][1].shape:
+            return None
+    return [n for n, _ in params]
+
+
+def apply_optimizer_state(model, optimizer, named):
+    """
+    Carry state over by name for every parameter that exists in both runs with the same shape; the rest start
+    fresh. Hyperparameters (lr, weight decay, betas) are the current run's. Returns (kept, fresh) counts.
+    """
+    name_of = {id(p): standard_key(n) for n, p in model.named_parameters()}
+    params = [p for g in optimizer.param_groups for p in g['params']]
+    state = {}
+    for i, p in enumerate(params):
+        s = (named or {}).get('state', {}).get(name_of[id(p)])
+        if s and all(v.shape == p.shape for v in s.values() if torch.is_tensor(v) and v.dim() > 0):
+            state[i] = s
+    optimizer.load_state_dict({'state': state, 'param_groups': optimizer.state_dict()['param_groups']})
+    return len(state), len(params) - len(state)
+
+
+# -----------------------------------------------------------------------------
+# writing a bundle
+
+def save_bundle(checkpoint_dir, model, step, optimizer=None, tokenizer=None, best_val_loss=None, val_loss=None,
+                run_config=None, extra_state=None):
+    """
+    Write a whole bundle. `optimizer` is an optimizer, a positional state_dict made by configure_optimizers, a
+    named state, or None (deploy-only save). `extra_state` goes into training_state.json (e.g. rng, scaler).
+    """
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    path = lambda name: os.path.join(checkpoint_dir, name)
+    merged = model.get_merged_state_dict()  # raises on NaN/inf before anything is written
+    tokenizer = tokenizer or getattr(model, 'tokenizer_spec', None)
+    factors = {k: v for k, v in model.state_dict().items() if is_lora_factor(k)}
+    if isinstance(optimizer, dict) and all(isinstance(n, str) for g in optimizer['param_groups'] for n in g['params']):
+        named = optimizer
+    else:
+        named = named_optimizer_state(model, optimizer) if optimizer is not None else None
+
+    atomic_write(path(MODEL_FILE), lambda f: torch.save(merged, f))
+    write_json(path(CONFIG_FILE), config_to_json(model.config))
+    if tokenizer is not None:
+        write_json(path(TOKENIZER_FILE), tokenizer)
+    if factors:
+        atomic_write(path(ADAPTER_FILE), lambda f: torch.save(factors, f))
+    if named is not None:
+        atomic_write(path(OPTIMIZER_FILE), lambda f: torch.save(named, f))
+    state = {
+        'format_version': FORMAT_VERSION,
+        'step': int(step),
+        'best_val_loss': None if best_val_loss is None else float(best_val_loss),
+        'val_loss': None if val_loss is None else float(val_loss),  # the evaluation of exactly these weights
+        'optimizer_file': OPTIMIZER_FILE if named is not None else None,
+        'adapter_file': ADAPTER_FILE if factors else None,
+        'adapter': adapter_config(model.config),  # what the run trained with
+        'config': run_config or {},
+        **(extra_state or {}),
+    }
+    write_json(path(STATE_FILE), state)
+    # files this save did not write must not be mistaken for part of it
+    for name, used in ((OPTIMIZER_FILE, named is not None), (ADAPTER_FILE, bool(factors))):
+        if not used and os.path.exists(path(name)):
+            os.remove(path(name))
+    return checkpoint_dir
+
+
+# -----------------------------------------------------------------------------
+# reading: bundles and legacy files
+
+class Checkpoint:
+    """ what a checkpoint holds, read lazily: weights, optimizer and adapters load only when asked for """
+
+    def __init__(self, path, kind, config, tokenizer, step, best_val_loss, training_state, notes=(),
+                 weights=None, optimizer=None, lora_alpha=None):
+        self.path, self.kind, self.config, self.tokenizer = str(path), kind, config, tokenizer
+        self.step, self.best_val_loss, self.training_state = step, best_val_loss, training_state
+        self.notes, self.lora_alpha = list(notes), lora_alpha
+        self._weights, self._optimizer = weights, optimizer
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def weights(self):
+        if self._weights is None:
+            self._weights = load_tensors(self.file(MODEL_FILE))
+        return self._weights
+
+    def optimizer_state(self):
+        """ the named optimizer state, or None when the checkpoint has none (or none we can name) """
+        if self.kind == 'bundle':
+            name = self.training_state.get('optimizer_file')
+            return load_tensors(self.file(name)) if name else None
+        return self._optimizer
+
+    def adapter_state(self):
+        name = self.training_state.get('adapter_file')
+        return load_tensors(self.file(name)) if self.kind == 'bundle' and name else None
+
+    def model_config(self, **adapter_settings):
+        """ this checkpoint's base architecture with the given adapter settings (and dropout) laid over it """
+        return GPTConfig(**{**dataclasses.asdict(self.config), **adapter_settings})
+
+    def load_into(self, model):
+        """ the weights into any adapter layout; adapters restored when the run trained with the same alpha """
+        saved = self.training_state.get('adapter') or {}
+        adapters = self.adapter_state() if saved.get('lora_alpha') == model.config.lora_alpha else None
+        return load_universal_state_dict(model, self.weights(), lora_alpha=self.lora_alpha, source=self.path,
+                                         adapters=adapters)
+
+    def build_model(self, device='cpu', **adapter_settings):
+        model = GPT(self.model_config(**adapter_settings))
+        report = self.load_into(model)
+        model.tokenizer_spec = self.tokenizer
+        return model.to(device), report
+
+
+def find_checkpoint(path, legacy_file=None):
+    """ (kind, path) for a bundle directory, a directory holding a legacy file, or a file; None if nothing """
+    path = Path(path)
+    if legacy_file:
+        target = path / legacy_file if path.is_dir() else Path(legacy_file)
+        return ('legacy', target) if target.is_file() else None
+    if path.is_dir():
+        if (path / CONFIG_FILE).exists() or (path / MODEL_FILE).exists():
+            return 'bundle', path
+        for name in LEGACY_NAMES:
+            if (path / name).is_file():
+                return 'legacy', path / name
+        return None
+    return ('legacy', path) if path.is_file() else None
+
+
+def read_checkpoint(path, legacy_file=None, meta_path=None):
+    found = find_checkpoint(path, legacy_file)
+    if found is None:
+        what = f'{legacy_file} in {path}' if legacy_file else path
+        raise CheckpointError(f'no checkpoint at {what}: expected a bundle directory (config.json + model.pt), '
+                              f'a directory holding one of {", ".join(LEGACY_NAMES)}, or a checkpoint file')
+    kind, path = found
+    return read_bundle(path) if kind == 'bundle' else read_legacy(path, meta_path)
+
+
+def read_bundle(path):
+    config = config_from_dict(read_json(path / CONFIG_FILE), path / CONFIG_FILE)
+    state = read_json(path / STATE_FILE) if (path / STATE_FILE).exists() else {}
+    tokenizer = read_json(path / TOKENIZER_FILE) if (path / TOKENIZER_FILE).exists() else None
+    return Checkpoint(path, 'bundle', config, tokenizer, state.get('step', 0), state.get('best_val_loss'), state)
+
+
+def read_legacy(path, meta_path=None):
+    """ a single-file checkpoint: nanoGPT's ckpt.pt, an older latest.pt / final.pt, or a bare state dict """
+    ck = load_tensors(path)
+    if not isinstance(ck, dict):
+        raise CheckpointError(f'{path} holds a {type(ck).__name__}, expected a checkpoint dict or a state dict')
+    if ck and all(torch.is_tensor(v) for v in ck.values()):
+        ck = {'model': ck}  # a bare state dict
+    weights = next((ck[k] for k in ('model', 'model_state_dict', 'state_dict') if isinstance(ck.get(k), dict)), None)
+    if weights is None:
+        raise CheckpointError(f'{path} has no weights: expected a "model" state dict (nanoGPT) among {sorted(ck)[:8]}')
+    notes = []
+    args = ck.get('model_args') or (ck['config'] if isinstance(ck.get('config'), dict) and 'n_layer' in ck['config'] else {})
+    inferred = infer_base_config(weights)
+    for k, v in inferred.items():
+        if k in args and args[k] != v:
+            notes.append(f'{k}: the file says {args[k]} but the weights have {v}; using {v}')
+    if 'n_head' not in args:
+        raise CheckpointError(f'{path} does not record n_head (no model_args), and no tensor shape tells it; '
+                              'save it with its model_args, or convert it with an explicit config')
+    config = config_from_dict({**args, **inferred, **STANDARD}, path)
+    lora_alpha = args.get('lora_alpha')
+    run_config = ck.get('config') if isinstance(ck.get('config'), dict) else {}
+
+    tokenizer = legacy_tokenizer(ck, run_config, config.vocab_size, meta_path, notes)
+    optimizer = None
+    if isinstance(ck.get('optimizer'), dict) and ck['optimizer'].get('param_groups'):
+        names = positional_names(GPT.on_meta(config), ck['optimizer'])
+        if names is None:
+            notes.append("the optimizer state does not follow nanoGPT's parameter order; it will start fresh")
+        else:
+            optimizer = name_optimizer_state(ck['optimizer'], names)
+    step = int(ck.get('iter_num', ck.get('step', 0)))
+    state = {'step': step, 'best_val_loss': ck.get('best_val_loss'), 'config': run_config,
+             'adapter': {f: args[f] for f in ADAPTER_FIELDS if f in args}}
+    return Checkpoint(path, 'nanogpt' if 'model_args' in ck else 'legacy', config, tokenizer, step,
+                      ck.get('best_val_loss'), state, notes, weights=weights, optimizer=optimizer, lora_alpha=lora_alpha)
+
+
+class NoClassesUnpickler(pickle.Unpickler):
+    """ reads plain dicts, lists, strings and numbers; any class or function reference is refused """
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f'refusing to load {module}.{name}: meta.pkl should hold only plain values')
+
+
+def read_meta_pkl(path):
+    """ nanoGPT's data/<dataset>/meta.pkl ({'vocab_size', 'itos', 'stoi'}) as a char tokenizer spec """
+    try:
+        with open(path, 'rb') as f:
+            meta = NoClassesUnpickler(f).load()
+        return {'token_kind': 'char', 'chars': [meta['itos'][i] for i in range(len(meta['itos']))]}
+    except Exception as e:
+        raise CheckpointError(f'{path} is not a nanoGPT meta.pkl with an itos vocabulary: {e}') from None
+
+
+def legacy_tokenizer(ck, run_config, vocab_size, meta_path, notes):
+    """ the vocabulary of a legacy checkpoint: stored in it, or next to its dataset, like nanoGPT's sample.py """
+    if isinstance(ck.get('tokenizer'), dict) and 'token_kind' in ck['tokenizer']:
+        return ck['tokenizer']
+    if isinstance(ck.get('chars'), list):
+        return {'token_kind': 'char', 'chars': ck['chars']}
+    if isinstance(ck.get('itos'), dict):
+        return {'token_kind': 'char', 'chars': [ck['itos'][i] for i in range(len(ck['itos']))]}
+    dataset = run_config.get('dataset')
+    candidates = [Path(meta_path)] if meta_path else [
+        d / dataset / name for d in (Path('data'), Path(__file__).resolve().parents[1] / 'data') if dataset
+        for name in ('meta.json', 'meta.pkl')]
+    for p in candidates:
+        if p.is_file():
+            notes.append(f'tokenizer: read from {p}')
+            return read_json(p)['tokenizer'] if p.suffix == '.json' else read_meta_pkl(p)
+    if meta_path:
+        raise CheckpointError(f'{meta_path} does not exist; expected a meta.json or nanoGPT meta.pkl vocabulary')
+    if vocab_size >= 50257:
+        notes.append('tokenizer: gpt2 assumed (no vocabulary stored; nanoGPT\'s sample.py assumes the same)')
+        return {'token_kind': 'gpt2'}
+    notes.append(f'tokenizer: unknown (no vocabulary stored and no meta file for dataset {dataset!r}); pass --meta PATH')
+    return None
+
+
+# -----------------------------------------------------------------------------
+# the manager of seed 003
+
+class CheckpointManager:
+    """ checkpoints/<model_name>/ as a bundle, with legacy files read from the same place """
+
+    def __init__(self, model_name, root='checkpoints'):
+        self.model_name = model_name
+        self.checkpoint_dir = os.path.join(root, model_name)
+
+    def get_path(self, filename):
+        return os.path.join(self.checkpoint_dir, filename)
+
+    def exists(self):
+        return find_checkpoint(self.checkpoint_dir) is not None
+
+    def load(self, legacy_file=None):
+        return read_checkpoint(self.checkpoint_dir, legacy_file)
+
+    def save(self, model, step, optimizer=None, **state):
+        return save_bundle(self.checkpoint_dir, model, step, optimizer, **state)
+
+    @staticmethod
+    def load_for_inference(name_or_path, root='checkpoints', device='cpu', legacy_file=None):
+        """ a standard (merged) model in eval mode, with .tokenizer_spec, from a bundle or a legacy file """
+        path = name_or_path if os.path.exists(name_or_path) else os.path.join(root, name_or_path)
+        model, _ = read_checkpoint(path, legacy_file).build_model(device)
+        return model.eval()
+
+    def initialize_for_training(self, config, token_kind, text, learning_rate, weight_decay=0.1,
+                                betas=(0.9, 0.95), device='cpu'):
+        """
+        (model, optimizer, start_step): resumes from this manager's checkpoint when there is one (its base
+        architecture, `config`'s adapter settings), else a fresh model with a tokenizer built from `text`.
+        """
+        config = config if isinstance(config, GPTConfig) else GPTConfig(**config)
+        if self.exists():
+            ck = self.load()
+            model, report = ck.build_model(device, **adapter_config(config), dropout=config.dropout)
+            print(describe_load(ck, report))
+            named, start_step = ck.optimizer_state(), ck.step
+        else:
+            spec = char_spec(text) if token_kind == 'char' else {'token_kind': token_kind}
+            vocab = load_tokenizer(spec).vocab_size
+            if spec['token_kind'] == 'gpt2':
+                vocab = max(vocab, config.vocab_size)  # nanoGPT pads 50257 up to 50304 for speed
+            model = GPT(dataclasses.replace(config, vocab_size=vocab)).to(device)
+            model.tokenizer_spec, named, start_step = spec, None, 0
+        optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, torch.device(device).type)
+        if named is not None:
+            kept, fresh = apply_optimizer_state(model, optimizer, named)
+            print(f'optimizer: state kept for {kept} tensors, fresh for {fresh}')
+        return model, optimizer, start_step
+
+
+def describe_load(ck, report):
+    """ one line on what a load did, for logs """
+    what = [f'loaded {ck.kind} checkpoint {ck.path} (step {ck.step})']
+    if report['merged_source_lora']:
+        what.append(f"merged {len(report['merged_source_lora'])} LoRA adapters found in it")
+    if report['remapped']:
+        what.append(f"{report['remapped']} keys remapped to adapter main weights")
+    if report['restored_lora']:
+        what.append(f"{len(report['restored_lora'])} adapters restored")
+    if report['fresh_lora']:
+        what.append(f"{len(report['fresh_lora'])} adapters initialised fresh")
+    return '; '.join(what + ck.notes)

@@ -1,0 +1,298 @@
+"""
+Training, nanoGPT's train.py: one process on a CPU or GPU, or several with torchrun (DDP), e.g.
+$ python train.py                                        # a baby GPT on the embedded corpus, on a laptop CPU
+$ python train.py config/train_standard.py               # then config/train_with_lora.py continues it with LoRA
+$ python train.py --model_name dante --max_iters 1100    # checkpoints/dante: resumed if it exists (legacy too)
+$ torchrun --standalone --nproc_per_node=4 train.py config/train_standard.py
+
+Every save is a bundle of universal merged weights (core/checkpoint.py). Every resume takes the base
+architecture from the checkpoint and the adapter settings from this run's config, maps the weights onto
+them, and carries the optimizer state over by parameter name.
+"""
+
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed import init_process_group, destroy_process_group
+
+from model import GPTConfig, GPT, BASE_FIELDS, CheckpointMismatchError
+from configurator import apply_config, ConfigError
+from core.checkpoint import (CheckpointError, read_checkpoint, find_checkpoint, describe_load,
+                             apply_optimizer_state, set_rng_state, rng_state)
+from core.tokenizer import TokenizerError
+from core.training import get_lr, set_lr, train_step, estimate_loss, save_checkpoint
+from data.prepare import DatasetError, load_meta, prepare
+
+# -----------------------------------------------------------------------------
+# default config values: a baby GPT on the embedded corpus, a few minutes on a laptop CPU
+# I/O
+out_dir = 'out'
+model_name = '' # if set, checkpoints live in checkpoints/<model_name> (and are resumed from there)
+eval_interval = 250
+log_interval = 10
+eval_iters = 20
+eval_only = False # if True, script exits right after the first eval
+always_save_checkpoint = True # if True, always save a checkpoint after each eval
+save_optimizer = True # False: a deploy-only bundle (no optimizer.pt)
+init_from = 'scratch' # 'scratch' or 'resume' (from out_dir)
+resume_from = '' # a bundle directory or legacy checkpoint file to resume from (implies resuming)
+# wandb logging
+wandb_log = False # disabled by default
+wandb_project = 'nanogpt-checkpoints'
+wandb_run_name = 'run'
+# data
+dataset = 'pydocs_char'
+gradient_accumulation_steps = 1 # used to simulate larger batch sizes
+batch_size = 16 # if gradient_accumulation_steps > 1, this is the micro-batch size
+block_size = 128
+# model (base architecture; on resume the checkpoint's values win)
+n_layer = 4
+n_head = 4
+n_embd = 128
+n_hidden = 0 # MLP width, 0 = 4 * n_embd
+dropout = 0.0 # for pretraining 0 is good, for finetuning try 0.1+
+bias = False # do we use bias inside LayerNorm and Linear layers?
+# adapters (always this run's own choice)
+embedding_mode = 'standard' # 'standard' or 'lora'
+attn_lora_rank = 0
+embedding_rank = 0
+mlp_lora_rank = 0
+lora_alpha = 1.0
+lora_dropout = 0.0
+lora_train_norms_biases = False
+# adamw optimizer
+learning_rate = 1e-3 # max learning rate
+max_iters = 2000 # total number of training iterations
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0 # clip gradients at this value, or disable if == 0.0
+# learning rate decay settings
+decay_lr = True # whether to decay the learning rate
+warmup_iters = 100 # how many steps to warm up for
+lr_decay_iters = 2000 # should be ~= max_iters per Chinchilla
+min_lr = 1e-4 # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
+# DDP settings
+backend = 'nccl' if torch.cuda.is_available() else 'gloo'
+# system
+device = 'cuda' if torch.cuda.is_available() else 'cpu' # or 'cpu', 'cuda:0', 'mps'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16' if torch.cuda.is_available() else 'float32'
+compile = False # use PyTorch 2.0 to compile the model to be faster
+seed = 1337
+# -----------------------------------------------------------------------------
+config_keys = [k for k,v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+config = {k: globals()[k] for k in config_keys}
+try:
+    apply_config(config, sys.argv[1:]) # overrides from the command line or a config file
+except ConfigError as e:
+    sys.exit(f"error: {e}")
+globals().update(config)
+# -----------------------------------------------------------------------------
+
+def fail(error):
+    # a clear message and a non-zero exit code, not a traceback from deep inside torch
+    sys.exit(f"error: {error}")
+
+if model_name:
+    out_dir = config['out_dir'] = os.path.join('checkpoints', model_name) # seed 003's layout
+
+# various inits, derived attributes, I/O setup
+ddp = int(os.environ.get('RANK', -1)) != -1 # is this a ddp run?
+if ddp:
+    init_process_group(backend=backend)
+    ddp_rank = int(os.environ['RANK'])
+    ddp_local_rank = int(os.environ['LOCAL_RANK'])
+    ddp_world_size = int(os.environ['WORLD_SIZE'])
+    if device.startswith('cuda'):
+        device = f'cuda:{ddp_local_rank}'
+        torch.cuda.set_device(device)
+    master_process = ddp_rank == 0 # this process will do logging, checkpointing etc.
+    seed_offset = ddp_rank # each process gets a different seed
+    # world_size number of processes will be training simultaneously, so we can scale
+    # down the desired gradient accumulation iterations per process proportionally
+    assert gradient_accumulation_steps % ddp_world_size == 0
+    gradient_accumulation_steps //= ddp_world_size
+else:
+    # if not ddp, we are running on a single gpu, and one process
+    master_process = True
+    seed_offset = 0
+    ddp_world_size = 1
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
+print(f"tokens per iteration will be: {tokens_per_iter:,}")
+
+if master_process:
+    os.makedirs(out_dir, exist_ok=True)
+torch.manual_seed(seed + seed_offset)
+torch.backends.cuda.matmul.allow_tf32 = True # allow tf32 on matmul
+torch.backends.cudnn.allow_tf32 = True # allow tf32 on cudnn
+device_type = 'cuda' if 'cuda' in device else 'cpu' # for later use in torch.autocast
+# note: float16 data type will automatically use a GradScaler
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+
+# data: prepared on first use (the default corpus needs no download)
+data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
+try:
+    if not os.path.exists(os.path.join(data_dir, 'train.bin')) and master_process:
+        prepare(dataset, out_dir=data_dir)
+    meta = load_meta(data_dir)
+except (DatasetError, TokenizerError) as e:
+    fail(e)
+
+def get_batch(split, generator=None):
+    # We recreate np.memmap every batch to avoid a memory leak, as per
+    # https://stackoverflow.com/questions/45132940/numpy-memmap-memory-usage-want-to-iterate-once/61472122#61472122
+    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    x = torch.stack([torch.from_numpy((data[i:i+block_size]).astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy((data[i+1:i+1+block_size]).astype(np.int64)) for i in ix])
+    if device_type == 'cuda':
+        # pin arrays x,y, which allows us to move them to GPU asynchronously (non_blocking=True)
+        x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    else:
+        x, y = x.to(device), y.to(device)
+    return x, y
+
+# init these up here, can override if init_from='resume' (i.e. from a checkpoint)
+iter_num = 0
+best_val_loss = 1e9
+
+# model init: base architecture from the config, or from the checkpoint on resume; adapters from the config
+model_args = {k: config[k] for k in ('n_layer', 'n_head', 'n_embd', 'n_hidden', 'block_size', 'bias', 'dropout',
+              'embedding_mode', 'attn_lora_rank', 'embedding_rank', 'mlp_lora_rank', 'lora_alpha', 'lora_dropout',
+              'lora_train_norms_biases')}
+resume_path = resume_from or (out_dir if init_from == 'resume' or (model_name and find_checkpoint(out_dir)) else '')
+ckpt = None
+if not resume_path:
+    print("Initializing a new model from scratch")
+    # nanoGPT pads GPT-2's 50257 up to 50304 (a multiple of 64) for speed; a char vocabulary is used as is
+    model_args['vocab_size'] = 50304 if meta['tokenizer']['token_kind'] == 'gpt2' else meta['vocab_size']
+    model = GPT(GPTConfig(**model_args))
+    model.tokenizer_spec = meta['tokenizer']
+else:
+    # --- smart resume: the checkpoint decides the base, this config the adapters; the key mapping lives in
+    # model.load_universal_state_dict, the file formats in core/checkpoint.py ---
+    print(f"Resuming training from {resume_path}")
+    try:
+        ckpt = read_checkpoint(resume_path)
+        if ckpt.tokenizer is not None and ckpt.tokenizer != meta['tokenizer']:
+            raise CheckpointError(f"{resume_path} was trained with another tokenizer than {data_dir}/meta.json's "
+                                  f"({ckpt.tokenizer.get('token_kind')} vs {meta['tokenizer'].get('token_kind')}, "
+                                  f"vocab {ckpt.config.vocab_size} vs {meta['vocab_size']}): pick the dataset it was trained on")
+        for k in BASE_FIELDS:
+            ours, theirs = model_args.get(k), getattr(ckpt.config, k)
+            if k in model_args and ours != theirs and not (k == 'n_hidden' and ours == 0):
+                print(f"note: {k} = {theirs} from the checkpoint is used (this config says {ours})")
+            model_args[k] = theirs
+        model = GPT(GPTConfig(**model_args))
+        report = ckpt.load_into(model)
+    except (CheckpointError, CheckpointMismatchError) as e:
+        fail(e)
+    print(describe_load(ckpt, report))
+    model.tokenizer_spec = ckpt.tokenizer or meta['tokenizer']
+    iter_num = ckpt.step
+    best_val_loss = ckpt.best_val_loss if ckpt.best_val_loss is not None else 1e9
+print("number of parameters: %.2fM (%.2fM trainable)" % (model.get_num_params(non_embedding=False)/1e6,
+      sum(p.numel() for p in model.parameters() if p.requires_grad)/1e6))
+model.to(device)
+
+# initialize a GradScaler. If enabled=False scaler is a no-op
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+
+# optimizer; on resume its state is carried over by parameter name, fresh where names or shapes differ
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if ckpt is not None:
+    try:
+        kept, fresh = apply_optimizer_state(model, optimizer, ckpt.optimizer_state())
+    except CheckpointError as e:
+        fail(e)
+    print(f"optimizer: state carried over for {kept} parameter tensors, fresh for {fresh}")
+    if 'scaler' in ckpt.training_state and scaler.is_enabled():
+        scaler.load_state_dict(ckpt.training_state['scaler'])
+    if 'rng' in ckpt.training_state:
+        set_rng_state(ckpt.training_state['rng']) # draw the same batches the interrupted run would have
+
+# compile the model
+if compile:
+    print("compiling the model... (takes a ~minute)")
+    model = torch.compile(model) # requires PyTorch 2.0
+
+# wrap model into DDP container
+if ddp:
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
+
+# logging
+if wandb_log and master_process:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+def next_train_batch():
+    # remember the random state each batch is drawn from: a checkpoint stores the one of the pending batch
+    global rng_before_batch
+    rng_before_batch = rng_state()
+    return get_batch('train')
+
+# training loop
+X, Y = next_train_batch() # fetch the very first batch
+t0 = time.time()
+local_iter_num = 0 # number of iterations in the lifetime of this process
+raw_model = model.module if ddp else model # unwrap DDP container if needed
+raw_model = getattr(raw_model, '_orig_mod', raw_model) # and torch.compile's wrapper
+running_mfu = -1.0
+while True:
+
+    # determine and set the learning rate for this iteration
+    lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr)
+    set_lr(optimizer, lr)
+
+    # evaluate the loss on train/val sets and write checkpoints (also right after a resume)
+    if (iter_num % eval_interval == 0 or (ckpt is not None and local_iter_num == 0)) and master_process:
+        losses = estimate_loss(model, get_batch, eval_iters, ctx)
+        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        stored = ckpt.training_state.get('val_loss') if ckpt is not None and local_iter_num == 0 else None
+        if stored is not None:
+            print(f"resume check: val loss {losses['val']:.6f} now, {stored:.6f} stored in the checkpoint "
+                  f"(|diff| {abs(losses['val'] - stored):.1e})")
+        if wandb_log:
+            wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr,
+                       "mfu": running_mfu*100})
+        if losses['val'] < best_val_loss or always_save_checkpoint:
+            best_val_loss = min(best_val_loss, losses['val'])
+            if iter_num > 0:
+                try:
+                    save_checkpoint(out_dir, raw_model, optimizer if save_optimizer else None, iter_num,
+                                    best_val_loss, losses['val'], config, scaler, rng_before_batch)
+                except CheckpointMismatchError as e: # a diverged adapter: refuse to write NaN weights
+                    fail(e)
+                if wandb_log:
+                    wandb.log({"iter": iter_num, "checkpoint/step": iter_num, "checkpoint/dir": out_dir})
+    if eval_only:
+        break
+
+    # forward backward update, with optional gradient accumulation to simulate larger batch size
+    lossf, (X, Y) = train_step(model, optimizer, (X, Y), next_train_batch, gradient_accumulation_steps,
+                               scaler, ctx, grad_clip, ddp)
+
+    # timing and logging
+    t1 = time.time()
+    dt = t1 - t0
+    t0 = t1
+    if iter_num % log_interval == 0 and master_process:
+        if local_iter_num >= 5: # let the training loop settle a bit
+            mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt)
+            running_mfu = mfu if running_mfu == -1.0 else 0.9*running_mfu + 0.1*mfu
+        print(f"iter {iter_num}: loss {lossf:.6f}, time {dt*1000:.2f}ms, mfu {running_mfu*100:.2f}%")
+    iter_num += 1
+    local_iter_num += 1
+
+    # termination conditions
+    if iter_num > max_iters:
+        break
+
+if ddp:
+    destroy_process_group()
