@@ -136,7 +136,9 @@ ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torc
 ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
 
 # data: prepared on first use (the default corpus needs no download)
-data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
+data_dir = os.path.join('data', dataset) # nanoGPT's place, relative to where you run; else the repo's own
+if not os.path.isdir(data_dir):
+    data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
 try:
     if not os.path.exists(os.path.join(data_dir, 'train.bin')) and master_process:
         prepare(dataset, out_dir=data_dir)
@@ -251,7 +253,7 @@ while True:
     set_lr(optimizer, lr)
 
     # evaluate the loss on train/val sets and write checkpoints (also right after a resume)
-    if (iter_num % eval_interval == 0 or (ckpt is not None and local_iter_num == 0)) and master_process:
+    if (iter_num % eval_interval == 0 or iter_num >= max_iters or (ckpt is not None and local_iter_num == 0)) and master_process:
         losses = estimate_loss(model, get_batch, eval_iters, ctx)
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         stored = ckpt.training_state.get('val_loss') if ckpt is not None and local_iter_num == 0 else None
@@ -271,7 +273,8 @@ while True:
                     fail(e)
                 if wandb_log:
                     wandb.log({"iter": iter_num, "checkpoint/step": iter_num, "checkpoint/dir": out_dir})
-    if eval_only:
+    # termination: checked after the save, so the last checkpoint holds every step trained
+    if eval_only or iter_num >= max_iters:
         break
 
     # forward backward update, with optional gradient accumulation to simulate larger batch size
@@ -289,10 +292,6 @@ while True:
         print(f"iter {iter_num}: loss {lossf:.6f}, time {dt*1000:.2f}ms, mfu {running_mfu*100:.2f}%")
     iter_num += 1
     local_iter_num += 1
-
-    # termination conditions
-    if iter_num > max_iters:
-        break
 
 if ddp:
     destroy_process_group()

@@ -353,7 +353,7 @@ def read_legacy(path, meta_path=None):
     lora_alpha = args.get('lora_alpha')
     run_config = ck.get('config') if isinstance(ck.get('config'), dict) else {}
 
-    tokenizer = legacy_tokenizer(ck, run_config, config.vocab_size, meta_path, notes)
+    tokenizer = legacy_tokenizer(path, ck, run_config, config.vocab_size, meta_path, notes)
     optimizer = None
     if isinstance(ck.get('optimizer'), dict) and ck['optimizer'].get('param_groups'):
         names = positional_names(GPT.on_meta(config), ck['optimizer'])
@@ -362,10 +362,12 @@ def read_legacy(path, meta_path=None):
         else:
             optimizer = name_optimizer_state(ck['optimizer'], names)
     step = int(ck.get('iter_num', ck.get('step', 0)))
-    state = {'step': step, 'best_val_loss': ck.get('best_val_loss'), 'config': run_config,
+    best = ck.get('best_val_loss')
+    best = float(best) if best is not None else None  # nanoGPT stores a 0-d tensor here
+    state = {'step': step, 'best_val_loss': best, 'config': run_config,
              'adapter': {f: args[f] for f in ADAPTER_FIELDS if f in args}}
-    return Checkpoint(path, 'nanogpt' if 'model_args' in ck else 'legacy', config, tokenizer, step,
-                      ck.get('best_val_loss'), state, notes, weights=weights, optimizer=optimizer, lora_alpha=lora_alpha)
+    return Checkpoint(path, 'nanogpt' if 'model_args' in ck else 'legacy', config, tokenizer, step, best, state,
+                      notes, weights=weights, optimizer=optimizer, lora_alpha=lora_alpha)
 
 
 class NoClassesUnpickler(pickle.Unpickler):
@@ -385,7 +387,7 @@ def read_meta_pkl(path):
         raise CheckpointError(f'{path} is not a nanoGPT meta.pkl with an itos vocabulary: {e}') from None
 
 
-def legacy_tokenizer(ck, run_config, vocab_size, meta_path, notes):
+def legacy_tokenizer(path, ck, run_config, vocab_size, meta_path, notes):
     """ the vocabulary of a legacy checkpoint: stored in it, or next to its dataset, like nanoGPT's sample.py """
     if isinstance(ck.get('tokenizer'), dict) and 'token_kind' in ck['tokenizer']:
         return ck['tokenizer']
@@ -394,9 +396,10 @@ def legacy_tokenizer(ck, run_config, vocab_size, meta_path, notes):
     if isinstance(ck.get('itos'), dict):
         return {'token_kind': 'char', 'chars': [ck['itos'][i] for i in range(len(ck['itos']))]}
     dataset = run_config.get('dataset')
+    # nanoGPT's sample.py looks in data/<dataset>/ where it runs; also look beside the run (<root>/out/ckpt.pt)
+    roots = (Path('data'), Path(path).resolve().parent.parent / 'data', Path(__file__).resolve().parents[1] / 'data')
     candidates = [Path(meta_path)] if meta_path else [
-        d / dataset / name for d in (Path('data'), Path(__file__).resolve().parents[1] / 'data') if dataset
-        for name in ('meta.json', 'meta.pkl')]
+        d / dataset / name for d in roots if dataset for name in ('meta.json', 'meta.pkl')]
     for p in candidates:
         if p.is_file():
             notes.append(f'tokenizer: read from {p}')

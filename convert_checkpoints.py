@@ -1,0 +1,81 @@
+"""
+Convert legacy single-file checkpoints (nanoGPT's ckpt.pt, older latest.pt / final.pt) into bundles.
+The original file is never modified; the bundle is written beside it (or to --out), the optimizer state
+comes along (named by parameter), and each conversion is verified by comparing logits before and after.
+$ python convert_checkpoints.py                              # every model under checkpoints/
+$ python convert_checkpoints.py checkpoints/dante/final.pt out/ckpt.pt
+$ python convert_checkpoints.py out/ckpt.pt --out bundles/shakespeare
+"""
+
+import argparse
+import os
+
+import torch
+
+from core.checkpoint import LEGACY_NAMES, CheckpointError, find_checkpoint, read_checkpoint, save_bundle
+from core.cli import run
+
+TOLERANCE = 1e-5  # max |logits difference| allowed between the legacy file and its bundle (fp32)
+
+
+def max_logit_difference(a, b, vocab_size, block_size):
+    idx = torch.randint(0, vocab_size, (2, min(block_size, 32)), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return (a(idx, idx)[0].float() - b(idx, idx)[0].float()).abs().max().item()
+
+
+def convert(source, out_dir=None, force=False, meta=None):
+    ck = read_checkpoint(source, meta_path=meta)
+    if ck.kind == 'bundle':
+        print(f'{source}: already a bundle, nothing to do')
+        return None
+    out_dir = out_dir or os.path.dirname(ck.path) or '.'
+    existing = find_checkpoint(out_dir)
+    if existing and existing[0] == 'bundle' and not force:
+        raise CheckpointError(f'{out_dir} already holds a bundle; pass --force to replace it, or --out DIR')
+    model, _ = ck.build_model()
+    save_bundle(out_dir, model, ck.step, ck.optimizer_state(), tokenizer=ck.tokenizer,
+                best_val_loss=ck.best_val_loss, run_config=ck.training_state.get('config'))
+    reloaded, _ = read_checkpoint(out_dir).build_model()
+    diff = max_logit_difference(model.eval(), reloaded.eval(), ck.config.vocab_size, ck.config.block_size)
+    if diff > TOLERANCE:
+        raise CheckpointError(f'the bundle written to {out_dir} does not reproduce {ck.path}: logits differ by {diff:.2e}')
+    print(f"{ck.path} -> {out_dir}: step {ck.step}, "
+          f"{'optimizer state kept' if ck.optimizer_state() else 'no optimizer state'}, "
+          f"tokenizer {ck.tokenizer['token_kind'] if ck.tokenizer else 'unknown'}, "
+          f"max |logits difference| {diff:.1e}; original kept")
+    for note in ck.notes:
+        print(f'  note: {note}')
+    return out_dir
+
+
+def legacy_sources(root):
+    """ the newest-named legacy file of every model directory under root that has no bundle yet """
+    sources = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        found = find_checkpoint(os.path.join(root, name))
+        if found and found[0] == 'legacy':
+            sources.append(str(found[1]))
+    return sources
+
+
+def main(args):
+    sources = args.paths or legacy_sources(args.root)
+    if not sources:
+        print(f'nothing to convert: no legacy checkpoints ({", ".join(LEGACY_NAMES)}) without a bundle under {args.root}')
+        return
+    if args.out and len(sources) > 1:
+        raise CheckpointError('--out takes one source; convert several sources into the directories beside them')
+    for source in sources:
+        convert(source, args.out, args.force, args.meta)
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description='Convert legacy checkpoints into bundles (originals kept).')
+    parser.add_argument('paths', nargs='*', help='legacy files or directories (default: every model under --root)')
+    parser.add_argument('--root', default='checkpoints')
+    parser.add_argument('--out', help='where to write the bundle (default: beside the source)')
+    parser.add_argument('--force', action='store_true', help='replace a bundle already in the output directory')
+    parser.add_argument('--meta', help="the vocabulary, for files that don't store one (meta.json or nanoGPT meta.pkl)")
+    parser.add_argument('--debug', action='store_true', help='show the full traceback on errors')
+    run(main, parser.parse_args())

@@ -1,0 +1,62 @@
+"""
+Sample from a trained model, with nanoGPT sample.py's options:
+$ python generate.py --model_name dante
+$ python generate.py --model_name dante --legacy_checkpoint final.pt --start "FILE:prompt.txt"
+$ python generate.py --checkpoint out-deploy --num_samples 3 --max_new_tokens 200
+"""
+
+import argparse
+from contextlib import nullcontext
+
+import torch
+
+from core.checkpoint import CheckpointError
+from core.cli import add_checkpoint_args, open_checkpoint, run
+from core.tokenizer import load_tokenizer
+
+
+def main(args):
+    ck = open_checkpoint(args)
+    if ck.tokenizer is None:
+        raise CheckpointError(f'{ck.path} stores no vocabulary, so its tokens cannot be decoded; '
+                              'pass --meta data/<dataset>/meta.json (or a nanoGPT meta.pkl)')
+    tokenizer = load_tokenizer(ck.tokenizer)
+    if tokenizer.vocab_size > ck.config.vocab_size:
+        raise CheckpointError(f'the tokenizer of {ck.path} has {tokenizer.vocab_size} tokens but the model only '
+                              f'{ck.config.vocab_size} rows: they do not belong together')
+    torch.manual_seed(args.seed)
+    model, _ = ck.build_model(args.device)
+    model.eval()
+    if args.compile:
+        model = torch.compile(model)
+    device_type = 'cuda' if 'cuda' in args.device else 'cpu'
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[args.dtype]
+    ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+
+    start = args.start
+    if start.startswith('FILE:'):
+        with open(start[5:], 'r', encoding='utf-8') as f:
+            start = f.read()
+    start_ids = tokenizer.encode(start) or [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
+    x = torch.tensor(start_ids, dtype=torch.long, device=args.device)[None, ...]
+    with torch.no_grad(), ctx:
+        for _ in range(args.num_samples):
+            y = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                               vocab_size=tokenizer.vocab_size)
+            print(tokenizer.decode(y[0].tolist()))
+            print('---------------')
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description='Sample from a trained model.')
+    add_checkpoint_args(parser)
+    parser.add_argument('--start', default='\n', help='the prompt, or FILE:path to read it from a file')
+    parser.add_argument('--num_samples', type=int, default=3)
+    parser.add_argument('--max_new_tokens', type=int, default=300)
+    parser.add_argument('--temperature', type=float, default=0.8, help='1.0 = no change, < 1.0 = less random')
+    parser.add_argument('--top_k', type=int, default=200, help='keep only the top_k most likely tokens')
+    parser.add_argument('--seed', type=int, default=1337)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--dtype', default='bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16' if torch.cuda.is_available() else 'float32')
+    parser.add_argument('--compile', action='store_true')
+    run(main, parser.parse_args())

@@ -1,0 +1,92 @@
+"""
+Helpers shared by the test files: run the real scripts as a user would, and build the files other tools write.
+"""
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from model import GPT, GPTConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / 'shared'
+TINY_CONFIG = str(REPO / 'config' / 'test_checkpoint_compatibility.py')
+TINY_LORA_CONFIG = str(REPO / 'config' / 'test_checkpoint_compatibility_lora.py')
+
+
+def run_script(script, *args, cwd, ok=True):
+    """ run one of the project's scripts in `cwd`; returns (exit code, stdout + stderr) """
+    env = {**os.environ, 'PYTHONPATH': str(REPO)}
+    if (SHARED / 'data' / 'tiktoken_cache').is_dir():
+        env.setdefault('TIKTOKEN_CACHE_DIR', str(SHARED / 'data' / 'tiktoken_cache'))
+    proc = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    if ok and proc.returncode != 0:
+        raise AssertionError(f'{script} {" ".join(map(str, args))} exited {proc.returncode}:\n{out[-3000:]}')
+    return proc.returncode, out
+
+
+def run_train(cwd, *args, ok=True):
+    """ train.py with the tiny test config first; returns its output (or (code, output) when ok=False) """
+    code, out = run_script('train.py', TINY_CONFIG, *args, cwd=cwd, ok=ok)
+    return out if ok else (code, out)
+
+
+def losses_by_iter(output):
+    """ {iter: loss} from train.py's 'iter N: loss X' lines """
+    return {int(line.split()[1][:-1]): float(line.split()[3][:-1])
+            for line in output.splitlines() if line.startswith('iter ')}
+
+
+def resume_check(output):
+    """ (now, stored) val losses from train.py's resume check line """
+    line = next(l for l in output.splitlines() if l.startswith('resume check:'))
+    words = line.replace(',', '').split()
+    return float(words[4]), float(words[6])
+
+
+def make_nanogpt_checkpoint(directory, vocab_chars, n_layer=2, n_head=2, n_embd=32, block_size=32, steps=3,
+                            dataset='mychars', compiled=True):
+    """
+    A ckpt.pt exactly as the public nanoGPT train.py writes it: raw_model is the torch.compile wrapper (keys
+    with _orig_mod.), positional AdamW state from configure_optimizers, best_val_loss a 0-d tensor, config a dict
+    of every train.py setting; plus data/<dataset>/meta.pkl as nanoGPT's prepare.py writes it. The model is our
+    GPT, whose keys and math equal nanoGPT's (checked against the public code once: max |logits diff| 0).
+    Returns (path of ckpt.pt, the model, the ids it was trained on).
+    """
+    directory = Path(directory)
+    (directory / 'out').mkdir(parents=True, exist_ok=True)
+    model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=False,
+                      vocab_size=len(vocab_chars), dropout=0.0)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**model_args))
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), 'cpu')
+    ids = torch.randint(0, len(vocab_chars), (4, block_size))
+    for _ in range(steps):
+        loss = model(ids, ids)[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    raw_model = torch.compile(model) if compiled else model
+    config = dict(out_dir='out', eval_interval=250, log_interval=10, eval_iters=200, eval_only=False,
+                  always_save_checkpoint=False, init_from='scratch', wandb_log=False, wandb_project='owt',
+                  wandb_run_name='mini-gpt', dataset=dataset, gradient_accumulation_steps=1, batch_size=4,
+                  block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=0.0, bias=False,
+                  learning_rate=1e-3, max_iters=steps, weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
+                  decay_lr=True, warmup_iters=100, lr_decay_iters=5000, min_lr=1e-4, backend='nccl',
+                  device='cpu', dtype='float32', compile=compiled)
+    checkpoint = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
+                  'iter_num': steps, 'best_val_loss': torch.tensor(2.5), 'config': config}
+    path = directory / 'out' / 'ckpt.pt'
+    torch.save(checkpoint, path)
+    meta_dir = directory / 'data' / dataset
+    meta_dir.mkdir(parents=True, exist_ok=True)
+    stoi = {ch: i for i, ch in enumerate(vocab_chars)}
+    with open(meta_dir / 'meta.pkl', 'wb') as f:  # the fixture of a file nanoGPT writes, not our format
+        pickle.dump({'vocab_size': len(vocab_chars), 'itos': {i: ch for ch, i in stoi.items()}, 'stoi': stoi}, f)
+    return path, model, ids
