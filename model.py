@@ -497,13 +497,9 @@ def load_universal_state_dict(model, state_dict, lora_alpha=None, source='the ch
             k, remapped = f'{module}.main_weight.{leaf}', remapped + 1
         mapped[k] = v
 
-    missing = [k for k in target if k not in mapped]
-    factors = [k for k in missing if is_lora_factor(k)]
-    missing = [k for k in missing if not is_lora_factor(k)]
-    unexpected = [k for k in mapped if k not in target]
-    misshapen = [k for k in mapped if k in target and mapped[k].shape != target[k].shape]
-    if missing or unexpected or misshapen:
-        raise CheckpointMismatchError(describe_mismatch(source, model.config, missing, unexpected, misshapen, mapped, target))
+    factors = [k for k in target if k not in mapped and is_lora_factor(k)]
+    base = ', '.join(f'{f}={getattr(model.config, f)}' for f in BASE_FIELDS)
+    check_state_dict_fits(target, mapped, source, f'GPT({base})', allowed_missing=factors)
 
     adapters = strip_wrapper_prefixes(adapters or {})
     restore = {k.rsplit('.lora_', 1)[0] for k in factors}
@@ -526,10 +522,16 @@ def load_universal_state_dict(model, state_dict, lora_alpha=None, source='the ch
     return dict(remapped=remapped, fresh_lora=fresh, restored_lora=sorted(restore), merged_source_lora=merged_source)
 
 
-def describe_mismatch(source, config, missing, unexpected, misshapen, mapped, target, show=4):
-    def first(keys):
+def check_state_dict_fits(target, mapped, source, model_name, allowed_missing=()):
+    """ raise CheckpointMismatchError, listing keys (first few and counts) and both shapes, unless `mapped`
+    has exactly the keys and shapes of `target` (the model's state dict), but for allowed_missing """
+    missing = [k for k in target if k not in mapped and k not in allowed_missing]
+    unexpected = [k for k in mapped if k not in target]
+    misshapen = [k for k in mapped if k in target and mapped[k].shape != target[k].shape]
+    if not (missing or unexpected or misshapen):
+        return
+    def first(keys, show=4):
         return ', '.join(keys[:show]) + (f', ... ({len(keys) - show} more)' if len(keys) > show else '')
-    base = ', '.join(f'{f}={getattr(config, f)}' for f in BASE_FIELDS)
     parts = []
     if misshapen:
         shapes = [f'{k} (checkpoint {list(mapped[k].shape)} vs model {list(target[k].shape)})' for k in misshapen]
@@ -538,6 +540,229 @@ def describe_mismatch(source, config, missing, unexpected, misshapen, mapped, ta
         parts.append(f'{len(missing)} keys are missing from {source}: {first(missing)}')
     if unexpected:
         parts.append(f'{len(unexpected)} keys in {source} have no place in the model: {first(unexpected)}')
-    return (f"Cannot load {source} into GPT({base}): " + '; '.join(parts) +
-            ". The checkpoint was made for another architecture; build the model from the checkpoint's own config. "
-            "Nothing was loaded.")
+    raise CheckpointMismatchError(f"Cannot load {source} into {model_name}: " + '; '.join(parts) +
+                                  ". The checkpoint was made for another architecture; build the model from the "
+                                  "checkpoint's own config. Nothing was loaded.")
+
+
+# -----------------------------------------------------------------------------
+# modded-nanogpt models, for fine-tuning its pretraining checkpoints (facts: shared/docs/modded_nanogpt_formats.md).
+# GPTFlexAttention has exactly the keys of train_gpt_small.py's checkpoints; GPTBatched the keys of
+# train_gpt_medium.py's (qkvo_w, fc_w, proj_w) and runs batched, right-padded input by the rules of the
+# architecture its weights came from. Attention is plain causal attention, which is what the pretraining
+# sliding windows compute for sequences up to 896 (small) / 1664 (medium) tokens, and it runs on a CPU.
+
+NO_ATTENTION_LAYER = 7 # every layout skips attention in this layer
+MEDIUM_SKIPS = {9: 6, 10: 4, 11: 2} # medium: before block i add scalars[j] * output of block j
+KNOWN_HEADS = {(12, 768): 6, (16, 1024): 8, (24, 1152): 18, (36, 1280): 20} # (layers, model dim) -> heads
+ATTENTION_SCALE = 0.12 # modded-nanogpt's constant softmax scale, not 1/sqrt(head_dim)
+
+def rms_norm(x):
+    # no weight; computed in fp32 with fp32's machine eps whatever the input dtype, returned in that dtype
+    return F.rms_norm(x.float(), (x.size(-1),), eps=torch.finfo(torch.float32).eps).type_as(x)
+
+
+class Rotary(nn.Module):
+    """ half-truncated rotary: head_dim/4 frequencies, then head_dim/4 zeros (those dimensions don't rotate) """
+
+    def __init__(self, head_dim, max_seq_len):
+        super().__init__()
+        freq = (1 / 1024) ** torch.linspace(0, 1, steps=head_dim // 4, dtype=torch.float32)
+        freq = torch.cat([freq, freq.new_zeros(head_dim // 4)])
+        theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freq)
+        self.register_buffer('cos', theta.cos(), persistent=False) # not in the checkpoints
+        self.register_buffer('sin', theta.sin(), persistent=False)
+
+    def forward(self, x): # x: (B, T, H, head_dim)
+        cos, sin = self.cos[None, :x.size(1), None, :], self.sin[None, :x.size(1), None, :]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, -x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+class SmallAttention(nn.Module):
+    def __init__(self, dim, hdim):
+        super().__init__()
+        self.qkv_w = nn.Parameter(torch.empty(3, hdim, dim).uniform_(-(3 ** 0.5) * 0.5 * dim ** -0.5, (3 ** 0.5) * 0.5 * dim ** -0.5))
+        self.c_proj = nn.Linear(hdim, dim, bias=False)
+        nn.init.zeros_(self.c_proj.weight) # zero-init output projection, as the training script does
+
+    def weights(self): # (q, k, v stacked [3, hdim, dim]; output as an nn.Linear weight)
+        return self.qkv_w, self.c_proj.weight
+
+
+class SmallMLP(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.c_fc = nn.Linear(dim, 4 * dim, bias=False)
+        self.c_proj = nn.Linear(4 * dim, dim, bias=False)
+        nn.init.zeros_(self.c_proj.weight)
+
+    def weights(self):
+        return self.c_fc.weight, self.c_proj.weight
+
+
+class MediumAttention(nn.Module):
+    def __init__(self, dim, hdim):
+        super().__init__()
+        bound = (3 ** 0.5) * 0.5 * dim ** -0.5
+        self.qkvo_w = nn.Parameter(torch.empty(4, hdim, dim).uniform_(-bound, bound))
+        with torch.no_grad():
+            self.qkvo_w[3].zero_()
+
+    def weights(self): # qkvo_w[3] is used as an nn.Linear weight [out, in] (the layouts need hdim == dim)
+        return self.qkvo_w[:3], self.qkvo_w[3]
+
+
+class MediumMLP(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        bound = (3 ** 0.5) * 0.5 * dim ** -0.5
+        self.fc_w = nn.Parameter(torch.empty(4 * dim, dim).uniform_(-bound, bound))
+        self.proj_w = nn.Parameter(torch.zeros(dim, 4 * dim))
+
+    def weights(self):
+        return self.fc_w, self.proj_w
+
+
+class ModdedBlock(nn.Module):
+    def __init__(self, attn, mlp):
+        super().__init__()
+        self.attn = attn # None in layer 7: no attn.* keys at all
+        self.mlp = mlp
+
+
+def check_modded_shape(num_layers, num_heads, model_dim, head_dim):
+    if num_layers < 6:
+        raise ValueError(f'modded-nanogpt models need at least 6 layers (value embeddings go to the first and last 3), got {num_layers}')
+    if num_heads * head_dim != model_dim or head_dim % 4:
+        raise ValueError(f'num_heads * head_dim must equal model_dim and head_dim be a multiple of 4, got '
+                         f'{num_heads} x {head_dim} for model_dim {model_dim}')
+
+
+def modded_embeddings(vocab_size, dim):
+    return nn.Embedding(vocab_size, dim), nn.ModuleList([nn.Embedding(vocab_size, dim) for _ in range(3)])
+
+
+def modded_scalars(num_layers):
+    # [skip weights (L)] + [block lambdas (L pairs)] + [attention lambdas (L pairs)], as the training scripts start them
+    return nn.Parameter(torch.cat([torch.ones(num_layers), torch.tensor([1.0, 0.0]).repeat(num_layers),
+                                   torch.tensor([0.5, 0.5]).repeat(num_layers)]))
+
+
+def modded_attention(x, w_qkv, w_out, rotary, num_heads, ve, lambdas, norm_v):
+    B, T, _ = x.shape
+    q, k, v = F.linear(x, w_qkv.flatten(end_dim=1).type_as(x)).view(B, T, 3 * num_heads, -1).chunk(3, dim=-2)
+    q, k = rotary(rms_norm(q)), rotary(rms_norm(k))
+    if norm_v:
+        v = rms_norm(v)
+    v = lambdas[0] * v + lambdas[1] * ve.view_as(v) if ve is not None else lambdas[0] * v
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.type_as(q).transpose(1, 2),
+                                       is_causal=True, scale=ATTENTION_SCALE)
+    return F.linear(y.transpose(1, 2).reshape(B, T, -1), w_out.type_as(y))
+
+
+def modded_features(model, idx, arch):
+    """
+    The final normed hidden states (B, T, D) of either layout, by the rules of `arch` ('small' or 'medium'):
+    small: pre-normed attention input, v not normed, U-net skips; medium: no pre-norm, v normed, fixed skips.
+    """
+    if idx.dim() == 1:
+        idx = idx[None] # the training scripts feed one flat sequence
+    L, s = len(model.blocks), model.scalars
+    skip_w, lambdas, sa_lambdas = s[:L], s[L:3 * L].view(-1, 2), s[3 * L:5 * L].view(-1, 2)
+    ve = [e(idx) for e in model.value_embeds]
+    ve = ve + [None] * (L - 6) + ve # value embeddings in the first and last three layers
+    x = x0 = rms_norm(model.embed(idx))
+    outputs, n = [], L // 2
+    for i, block in enumerate(model.blocks):
+        if arch == 'small' and i >= n:
+            x = x + skip_w[i - n] * outputs[2 * n - 1 - i] # U-net: 6 <- 5, 7 <- 4, ..., 11 <- 0
+        if arch == 'medium' and i in MEDIUM_SKIPS:
+            x = x + skip_w[MEDIUM_SKIPS[i]] * outputs[MEDIUM_SKIPS[i]]
+        x = lambdas[i][0] * x + lambdas[i][1] * x0
+        if block.attn is not None:
+            w_qkv, w_out = block.attn.weights()
+            x = x + modded_attention(rms_norm(x) if arch == 'small' else x, w_qkv, w_out, model.rotary,
+                                     model.num_heads, ve[i], sa_lambdas[i], norm_v=(arch == 'medium'))
+        fc, proj = block.mlp.weights()
+        x = x + F.linear(F.relu(F.linear(rms_norm(x), fc.type_as(x))).square(), proj.type_as(x))
+        outputs.append(x)
+    return rms_norm(x)
+
+
+class GPTFlexAttention(nn.Module):
+    """ train_gpt_small.py's model: its exact keys, its forward (plain causal attention, so it runs on a CPU) """
+
+    def __init__(self, vocab_size, num_layers, num_heads, model_dim, max_seq_len, head_dim=128):
+        super().__init__()
+        check_modded_shape(num_layers, num_heads, model_dim, head_dim)
+        self.num_heads, self.head_dim, self.model_dim = num_heads, head_dim, model_dim
+        hdim = num_heads * head_dim
+        self.embed, self.value_embeds = modded_embeddings(vocab_size, model_dim)
+        self.blocks = nn.ModuleList([ModdedBlock(SmallAttention(model_dim, hdim) if i != NO_ATTENTION_LAYER else None,
+                                                 SmallMLP(model_dim)) for i in range(num_layers)])
+        self.rotary = Rotary(head_dim, max_seq_len)
+        self.lm_head = nn.Linear(model_dim, vocab_size, bias=False)
+        self.scalars = modded_scalars(num_layers)
+
+    def forward_features(self, idx):
+        return modded_features(self, idx, 'small')
+
+    def forward(self, idx):
+        z = self.lm_head(self.forward_features(idx)).float()
+        return 30 * torch.sigmoid(z / (7.5 * self.model_dim ** 0.5)) # the small script's logit cap
+
+
+class GPTBatched(nn.Module):
+    """
+    The medium parameter layout (qkvo_w, fc_w, proj_w) over right-padded (B, T) batches. `arch` says whose
+    forward rules to run: 'medium' for medium checkpoints, 'small' for weights converted from a small one.
+    Attention is causal, so padding never changes the features at real positions. No lm head: it is for
+    fine-tuning on top of forward_features.
+    """
+
+    def __init__(self, vocab_size, num_layers, num_heads, model_dim, max_seq_len, head_dim=128, arch='medium'):
+        super().__init__()
+        assert arch in ('small', 'medium'), arch
+        check_modded_shape(num_layers, num_heads, model_dim, head_dim)
+        self.num_heads, self.head_dim, self.model_dim, self.arch = num_heads, head_dim, model_dim, arch
+        hdim = num_heads * head_dim
+        self.embed, self.value_embeds = modded_embeddings(vocab_size, model_dim)
+        self.blocks = nn.ModuleList([ModdedBlock(MediumAttention(model_dim, hdim) if i != NO_ATTENTION_LAYER else None,
+                                                 MediumMLP(model_dim)) for i in range(num_layers)])
+        self.rotary = Rotary(head_dim, max_seq_len)
+        self.scalars = modded_scalars(num_layers)
+
+    def forward_features(self, idx):
+        return modded_features(self, idx, self.arch)
+
+    forward = forward_features
+
+    @classmethod
+    def from_pretrained_gpt(cls, flex_model):
+        """ a GPTFlexAttention's weights in the batched layout, still run by the small rules """
+        f = flex_model
+        model = cls(f.embed.num_embeddings, len(f.blocks), f.num_heads, f.model_dim, f.rotary.cos.size(0), f.head_dim, arch='small')
+        sd = {k: v for k, v in f.state_dict().items() if k != 'lm_head.weight'}
+        model.load_state_dict(small_to_medium_state_dict(sd), strict=True)
+        return model
+
+
+def small_to_medium_state_dict(sd):
+    """
+    The small layout's keys in the medium layout: qkv_w -> qkvo_w[0:3], attn.c_proj.weight -> qkvo_w[3]
+    *untransposed* (both are used as [out, in]), mlp.c_fc.weight -> fc_w, mlp.c_proj.weight -> proj_w.
+    """
+    out = {}
+    for k, v in sd.items():
+        if k.endswith('.attn.qkv_w'):
+            out[k[:-len('qkv_w')] + 'qkvo_w'] = torch.cat([v, sd[k[:-len('qkv_w')] + 'c_proj.weight'][None].to(v.dtype)])
+        elif k.endswith('.attn.c_proj.weight'):
+            continue # went into qkvo_w[3] above
+        elif k.endswith('.mlp.c_fc.weight'):
+            out[k[:-len('c_fc.weight')] + 'fc_w'] = v
+        elif k.endswith('.mlp.c_proj.weight'):
+            out[k[:-len('c_proj.weight')] + 'proj_w'] = v
+        else:
+            out[k] = v
+    return out

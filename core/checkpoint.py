@@ -69,9 +69,10 @@ def read_json(path):
         raise CheckpointError(f'{path} is not valid JSON ({e}); expected the JSON object this toolkit writes') from None
 
 
-def load_tensors(path, map_location='cpu'):
+def load_tensors(path, map_location='cpu', mmap=False):
+    # mmap: tensors are read from disk when first touched (a large optimizer state that is never used, never is)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else 'unsupported content'
         raise CheckpointError(

@@ -1,0 +1,284 @@
+"""
+Check that a modded-nanogpt checkpoint loads for fine-tuning, and say which flags to use:
+$ python test_checkpoint_loading.py /path/to/best_state_step005000_val3.2811.pt [--n_head 6]
+[1/3] inspect, [2/3] load strictly and convert to GPTBatched, [3/3] verify with a real CPU forward pass.
+Exit code 0 when it loads, 1 with the reason when it doesn't.
+
+Under pytest this file also holds the tests of GPTFlexAttention, GPTBatched and load_checkpoint_helper.py on
+generated checkpoints of both layouts.
+"""
+
+import argparse
+import math
+import sys
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from model import GPTBatched, GPTFlexAttention, CheckpointMismatchError
+from load_checkpoint_helper import (ModdedCheckpointError, inspect_checkpoint, load_pretrained_checkpoint,
+                                    make_random_checkpoint, read_state_dict)
+from core.checkpoint import CheckpointError
+
+FEATURE_TOLERANCE = 1e-5 # fp32, features of magnitude ~1
+
+
+def padded_batch(vocab_size, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, vocab_size, (len(lengths), max(lengths)), generator=g)
+    for row, n in enumerate(lengths):
+        idx[row, n:] = 0 # right padding (0 is also a real token: lengths, not ids, say what is padding)
+    return idx
+
+
+def verify(path, num_heads=None):
+    print('[1/3] Inspecting checkpoint')
+    info, _ = inspect_checkpoint(path, num_heads, verbose=True)
+    print('\n[2/3] Loading strictly into GPTBatched')
+    model, info, _ = load_pretrained_checkpoint(path, 'cpu', num_heads, verbose=False)
+    n = sum(p.numel() for p in model.parameters())
+    how = 'converted from the small layout, run by the small rules' if info['layout'] == 'small' else 'medium layout, loaded directly'
+    print(f"  {len(model.state_dict())} tensors, {n / 1e6:.2f}M parameters; lm head dropped (fine-tuning adds its own); "
+          f"scalars cut to the {info['scalars_used']} used; {how}")
+    print('\n[3/3] Verifying with a forward pass on CPU')
+    lengths = [16, 9]
+    idx = padded_batch(info['vocab_size'], lengths)
+    with torch.no_grad():
+        features = model.forward_features(idx)
+        alone = model.forward_features(idx[1:, :lengths[1]])
+    expected = (len(lengths), max(lengths), info['model_dim'])
+    if tuple(features.shape) != expected or not torch.isfinite(features).all():
+        raise ModdedCheckpointError(f'{path}: the forward pass gave features of shape {list(features.shape)} '
+                                    f'(expected {list(expected)}), finite: {bool(torch.isfinite(features).all())}')
+    pad_diff = (features[1, :lengths[1]] - alone[0]).abs().max().item()
+    if pad_diff > FEATURE_TOLERANCE:
+        raise ModdedCheckpointError(f'{path}: padding changed the features at real positions by {pad_diff:.2e}')
+    print(f"  features {list(features.shape)}, all finite, mean |x| {features.abs().mean():.3f}; "
+          f"padding changes real positions by {pad_diff:.1e}")
+    if info['layout'] == 'small': # the conversion must compute what the small model computes
+        flex, diff = small_model_and_difference(path, info, idx)
+        print(f'  GPTFlexAttention vs converted GPTBatched: max |features difference| {diff:.1e}')
+        if diff > FEATURE_TOLERANCE:
+            raise ModdedCheckpointError(f'{path}: the converted model differs from the small model by {diff:.2e}')
+    return info
+
+
+def small_model_and_difference(path, info, idx):
+    _, sd = read_state_dict(path)
+    flex = GPTFlexAttention(info['vocab_size'], info['num_layers'], info['num_heads'], info['model_dim'], 1024, info['head_dim'])
+    sd = {**sd, 'scalars': sd['scalars'][:info['scalars_used']]}
+    flex.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    batched = GPTBatched.from_pretrained_gpt(flex)
+    with torch.no_grad():
+        return flex, (flex.forward_features(idx) - batched.forward_features(idx)).abs().max().item()
+
+
+def main():
+    parser = argparse.ArgumentParser(description='Check that a modded-nanogpt checkpoint loads for fine-tuning.')
+    parser.add_argument('checkpoint', help='a .pt file written by train_gpt_small.py or train_gpt_medium.py')
+    parser.add_argument('--n_head', type=int, help='the head count, when (layers, model dim) is not a known model')
+    args = parser.parse_args()
+    try:
+        info = verify(args.checkpoint, args.n_head)
+    except (CheckpointError, CheckpointMismatchError, OSError) as e:
+        print(f'\nFAILED: {e}')
+        sys.exit(1)
+    print(f"\nOK: the checkpoint loads. Fine-tune with: --n_layer {info['num_layers']} --n_head {info['num_heads']} "
+          f"--n_embd {info['model_dim']}")
+    print(f"Format: {info['format']} (from train_gpt_{'small' if info['layout'] == 'small' else 'medium'}.py)")
+
+
+# -----------------------------------------------------------------------------
+# tests on generated checkpoints: tiny, but with layer 7 (no attention), bf16 embeddings, _orig_mod. keys
+
+SMALL = dict(layout='small', vocab_size=256, num_layers=8, num_heads=2, model_dim=64, head_dim=32)
+MEDIUM = dict(layout='medium', vocab_size=250, num_layers=12, num_heads=1, model_dim=128, head_dim=128) # reaches the skips
+
+
+def reference_features(sd, arch, num_heads, idx):
+    """
+    The forward pass written out from the format document, independently of model.py: per-head loops,
+    an explicit causal mask and softmax, rotary from its formula. Slow; only for tiny models.
+    """
+    f = lambda k: sd[k].float()
+    L = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
+    def norm(x):
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
+    s = f('scalars')
+    x = x0 = norm(f('embed.weight')[idx])
+    ves = [f(f'value_embeds.{j}.weight')[idx] for j in range(3)]
+    T, D = idx.shape[1], x.shape[-1]
+    out = []
+    for i in range(L):
+        if arch == 'small' and i >= L // 2:
+            x = x + s[i - L // 2] * out[L - 1 - i]
+        if arch == 'medium' and i in (9, 10, 11):
+            j = {9: 6, 10: 4, 11: 2}[i]
+            x = x + s[j] * out[j]
+        x = s[L + 2 * i] * x + s[L + 2 * i + 1] * x0
+        key = f'blocks.{i}.attn.qkv_w' if arch == 'small' else f'blocks.{i}.attn.qkvo_w'
+        if key in sd:
+            W = f(key)
+            Wo = f(f'blocks.{i}.attn.c_proj.weight') if arch == 'small' else W[3]
+            h = norm(x) if arch == 'small' else x
+            Dh = W.shape[1] // num_heads
+            ve = ves[i] if i < 3 else ves[i - (L - 3)] if i >= L - 3 else None
+            heads = []
+            for hd in range(num_heads):
+                sl = slice(hd * Dh, (hd + 1) * Dh)
+                q, k, v = norm(h @ W[0][sl].T), norm(h @ W[1][sl].T), h @ W[2][sl].T
+                if arch == 'medium':
+                    v = norm(v)
+                freq = torch.cat([(1 / 1024) ** torch.linspace(0, 1, Dh // 4), torch.zeros(Dh // 4)])
+                ang = torch.arange(T)[:, None].float() * freq
+                def rot(z):
+                    z1, z2 = z[..., :Dh // 2], z[..., Dh // 2:]
+                    return torch.cat([z1 * ang.cos() + z2 * ang.sin(), -z1 * ang.sin() + z2 * ang.cos()], -1)
+                a0, a1 = s[3 * L + 2 * i], s[3 * L + 2 * i + 1]
+                v = a0 * v + a1 * ve[..., sl] if ve is not None else a0 * v
+                scores = rot(q) @ rot(k).transpose(-1, -2) * 0.12
+                scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float('-inf'))
+                heads.append(scores.softmax(-1) @ v)
+            x = x + torch.cat(heads, -1) @ Wo.T
+        fc = f(f'blocks.{i}.mlp.c_fc.weight') if arch == 'small' else f(f'blocks.{i}.mlp.fc_w')
+        proj = f(f'blocks.{i}.mlp.c_proj.weight') if arch == 'small' else f(f'blocks.{i}.mlp.proj_w')
+        x = x + torch.relu(norm(x) @ fc.T).pow(2) @ proj.T
+        out.append(x)
+    return norm(x)
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp('modded')
+    return dict(
+        small=make_random_checkpoint(d / 'best_state_step001000_val3.2800.pt', **SMALL, scalars_pad=24),
+        medium=make_random_checkpoint(d / 'state_step002000.pt', **MEDIUM, val_loss=None),
+        dir=d)
+
+
+def test_format_detection(files):
+    info, _ = inspect_checkpoint(files['small'], num_heads=2, verbose=False)
+    assert (info['format'], info['vocab_size'], info['model_dim'], info['num_layers']) == ('small', 256, 64, 8)
+    assert info['no_attention_layers'] == [7] and info['scalars_size'] == 64 and info['val_loss'] == pytest.approx(3.28)
+    assert info['embed_dtype'] == 'bfloat16' and info['block_dtype'] == 'float32'
+    info, _ = inspect_checkpoint(files['medium'], num_heads=1, verbose=False)
+    assert (info['format'], info['vocab_size'], info['head_dim'], info['val_loss']) == ('medium', 250, 128, None)
+    assert info['step'] == 1000 and info['no_attention_layers'] == [7]
+
+
+def test_large_lite_and_known_heads_table(tmp_path):
+    # the large-lite variant: medium keys, head_dim = D / H = 64; its head count comes from the table
+    path = make_random_checkpoint(tmp_path / 'l.pt', 'medium', vocab_size=128, num_layers=24, num_heads=18,
+                                  model_dim=1152, head_dim=64)
+    info, _ = inspect_checkpoint(path, verbose=False)
+    assert (info['format'], info['num_heads'], info['head_dim']) == ('large-lite', 18, 64)
+    assert 'known table' in info['heads_source']
+
+
+@pytest.mark.parametrize('kind', ['small', 'medium'])
+def test_strict_load_follows_the_documented_forward(files, kind):
+    heads = SMALL['num_heads'] if kind == 'small' else MEDIUM['num_heads']
+    model, info, checkpoint = load_pretrained_checkpoint(files[kind], num_heads=heads)
+    assert model.arch == kind and all(p.dtype == torch.float32 and p.device.type == 'cpu' for p in model.parameters())
+    _, sd = read_state_dict(files[kind])
+    idx = padded_batch(info['vocab_size'], [12, 12])
+    with torch.no_grad():
+        ours = model.forward_features(idx)
+    expected = reference_features(sd, kind, heads, idx)
+    assert (ours - expected).abs().max().item() < 1e-4 # fp32, two independent orders of summation
+    assert ours.abs().mean() > 0.1 # the weights are random and non-trivial
+
+
+def test_conversion_equals_small_model(files):
+    info, _ = inspect_checkpoint(files['small'], num_heads=2, verbose=False)
+    idx = padded_batch(256, [16, 16, 7])
+    flex, diff = small_model_and_difference(files['small'], info, idx)
+    assert diff < FEATURE_TOLERANCE
+    loaded, _, _ = load_pretrained_checkpoint(files['small'], num_heads=2)
+    with torch.no_grad():
+        assert (loaded.forward_features(idx) - flex.forward_features(idx)).abs().max() < FEATURE_TOLERANCE
+        # the users' helper transposed c_proj and ran small weights through medium rules: both are wrong
+        as_medium = GPTBatched(256, 8, 2, 64, 1024, 32, arch='medium')
+        as_medium.load_state_dict(loaded.state_dict())
+        assert (as_medium.forward_features(idx) - flex.forward_features(idx)).abs().max() > 1e-2
+        transposed = GPTBatched(256, 8, 2, 64, 1024, 32, arch='small')
+        sd = loaded.state_dict()
+        for i in range(7):
+            sd[f'blocks.{i}.attn.qkvo_w'][3] = sd[f'blocks.{i}.attn.qkvo_w'][3].T.clone()
+        transposed.load_state_dict(sd)
+        assert (transposed.forward_features(idx) - flex.forward_features(idx)).abs().max() > 1e-2
+        logits = flex(idx)
+        assert logits.shape == (3, 16, 256) and 0 < logits.min() and logits.max() < 30 # the sigmoid cap
+
+
+@pytest.mark.parametrize('kind', ['small', 'medium'])
+def test_padding_never_changes_real_positions(files, kind):
+    model, info, _ = load_pretrained_checkpoint(files[kind], num_heads=2 if kind == 'small' else 1)
+    lengths = [16, 5, 11]
+    idx = padded_batch(info['vocab_size'], lengths)
+    with torch.no_grad():
+        batched = model.forward_features(idx)
+        for row, n in enumerate(lengths):
+            alone = model.forward_features(idx[row:row + 1, :n])
+            assert (batched[row, :n] - alone[0]).abs().max() < FEATURE_TOLERANCE
+
+
+def test_bf16_autocast_runs_without_mixed_dtype_errors(files):
+    model, info, _ = load_pretrained_checkpoint(files['small'], num_heads=2)
+    idx = padded_batch(256, [8, 8])
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        features = model.forward_features(idx)
+    with torch.no_grad():
+        exact = model.forward_features(idx)
+    assert torch.isfinite(features).all() and (features.float() - exact).abs().max() < 0.25 # bf16 rounding
+
+
+def test_wrong_head_count_is_a_clear_error(files):
+    with pytest.raises(ModdedCheckpointError, match='head count is not stored'):
+        load_pretrained_checkpoint(files['small'])
+    with pytest.raises(ModdedCheckpointError, match='3 heads do not fit'):
+        load_pretrained_checkpoint(files['small'], num_heads=3)
+
+
+def test_short_or_dirty_scalars_are_clear_errors(files, tmp_path):
+    checkpoint = torch.load(files['small'], weights_only=True)
+    checkpoint['model']['_orig_mod.scalars'] = checkpoint['model']['_orig_mod.scalars'][:30]
+    torch.save(checkpoint, tmp_path / 'short.pt')
+    with pytest.raises(ModdedCheckpointError, match='scalars has 30 values but 8 layers need 40'):
+        load_pretrained_checkpoint(tmp_path / 'short.pt', num_heads=2)
+    checkpoint = torch.load(files['small'], weights_only=True)
+    checkpoint['model']['_orig_mod.scalars'][50] = 0.3
+    torch.save(checkpoint, tmp_path / 'dirty.pt')
+    with pytest.raises(ModdedCheckpointError, match='padding'):
+        load_pretrained_checkpoint(tmp_path / 'dirty.pt', num_heads=2)
+
+
+def test_truncated_file_and_missing_tensor_are_clear_errors(files, tmp_path):
+    data = open(files['small'], 'rb').read()
+    (tmp_path / 'cut.pt').write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match='cut.pt could not be read'):
+        load_pretrained_checkpoint(tmp_path / 'cut.pt', num_heads=2)
+    checkpoint = torch.load(files['small'], weights_only=True)
+    del checkpoint['model']['_orig_mod.blocks.3.mlp.c_fc.weight']
+    torch.save(checkpoint, tmp_path / 'hole.pt')
+    with pytest.raises(CheckpointMismatchError, match=r'1 keys are missing .*blocks.3.mlp.fc_w'):
+        load_pretrained_checkpoint(tmp_path / 'hole.pt', num_heads=2)
+
+
+def test_command_line(files, tmp_path):
+    from tests.helpers import run_script
+    code, out = run_script('test_checkpoint_loading.py', files['small'], '--n_head', 2, cwd=tmp_path)
+    assert code == 0 and '[1/3]' in out and '[2/3]' in out and '[3/3]' in out
+    assert 'Format: small (from train_gpt_small.py)' in out and '--n_layer 8 --n_head 2 --n_embd 64' in out
+    assert 'GPTFlexAttention vs converted GPTBatched: max |features difference|' in out
+    code, out = run_script('test_checkpoint_loading.py', files['medium'], '--n_head', 1, cwd=tmp_path)
+    assert code == 0 and 'Format: medium (from train_gpt_medium.py)' in out and 'no val_loss' in out
+    code, out = run_script('test_checkpoint_loading.py', files['small'], cwd=tmp_path, ok=False)
+    assert code == 1 and 'FAILED' in out and 'pass num_heads (--n_head)' in out and 'Traceback' not in out
+    code, out = run_script('test_checkpoint_loading.py', cwd=tmp_path, ok=False)
+    assert code == 2 and 'usage: test_checkpoint_loading.py' in out
+
+
+if __name__ == '__main__':
+    main()
