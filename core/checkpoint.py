@@ -72,15 +72,25 @@ def read_json(path):
 def load_tensors(path, map_location='cpu', mmap=False):
     # mmap: tensors are read from disk when first touched (a large optimizer state that is never used, never is)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not (mmap and 'mmap can only be used' in str(e)):
+                raise
+            return torch.load(path, map_location=map_location, weights_only=True) # an old-style (non-zip) file
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else 'unsupported content'
+        # torch reports both a class reference (unsafe to load) and plain garbage through this error
+        reference = [line.strip() for line in str(e).splitlines() if 'GLOBAL' in line or 'global' in line][:1]
+        if not reference:
+            detail = [line.strip() for line in str(e).splitlines() if line.strip().startswith('Unsupported')][:1]
+            raise CheckpointError(f'{path} is not a PyTorch checkpoint (damaged, truncated, or another kind of file): '
+                                  f'{detail[0] if detail else str(e).splitlines()[0]}') from None
         raise CheckpointError(
             f'{path} holds more than tensors and plain containers, so it was not loaded: unpickling it could run '
-            f'code. torch said: {reason}') from None
+            f'code. torch said: {reference[0]}') from None
     except FileNotFoundError:
         raise CheckpointError(f'{path} does not exist') from None
-    except Exception as e:  # truncated or damaged zip, empty file, not a torch file at all
+    except Exception as e: # truncated or damaged zip, empty file
         raise CheckpointError(f'{path} could not be read as a PyTorch tensor file (damaged or truncated?): '
                               f'{type(e).__name__}: {e}') from None
 
