@@ -341,10 +341,9 @@ class GPT(nn.Module):
 
     def save(self, checkpoint_dir):
         """ only model.pt: the universal merged weights """
-        from core.checkpoint import MODEL_FILE, atomic_write
-        os.makedirs(checkpoint_dir, exist_ok=True)
+        from core.checkpoint import MODEL_FILE, commit_directory
         merged = self.get_merged_state_dict()
-        atomic_write(os.path.join(checkpoint_dir, MODEL_FILE), lambda f: torch.save(merged, f))
+        commit_directory(checkpoint_dir, lambda d: torch.save(merged, os.path.join(d, MODEL_FILE)), replaces=(MODEL_FILE,))
 
     def save_checkpoint_bundle(self, checkpoint_dir, step, optimizer_state=None, **state):
         """ the whole bundle; optimizer_state: an optimizer, its state_dict() or a named state """

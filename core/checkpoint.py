@@ -27,37 +27,23 @@ import torch
 
 from model import (GPT, GPTConfig, BASE_FIELDS, CheckpointMismatchError, is_lora_factor,
                    load_universal_state_dict, standard_key, standardize_state_dict)
+from core.commit import (CheckpointError, DamagedError, atomic_write, check_sizes, commit_directory,
+                         interrupted_save, verify_file, write_json)
 from core.tokenizer import char_spec, load_tokenizer
 
 FORMAT_VERSION = 1
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = 'model.pt', 'config.json', 'tokenizer.json'
 STATE_FILE, OPTIMIZER_FILE, ADAPTER_FILE = 'training_state.json', 'optimizer.pt', 'adapter.pt'
+BUNDLE_FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, STATE_FILE, OPTIMIZER_FILE, ADAPTER_FILE)
+JSON_FILES = (CONFIG_FILE, TOKENIZER_FILE, STATE_FILE) # readable and editable by hand
 LEGACY_NAMES = ('latest.pt', 'final.pt', 'ckpt.pt')  # looked for, in this order, in a directory with no bundle
 ADAPTER_FIELDS = ('embedding_mode', 'attn_lora_rank', 'embedding_rank', 'mlp_lora_rank', 'lora_alpha',
                   'lora_dropout', 'lora_train_norms_biases')
 STANDARD = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name in ADAPTER_FIELDS}
 
 
-class CheckpointError(ValueError):
-    """ a checkpoint that cannot be read: the message names the file, what was expected and what was found """
-
-
 # -----------------------------------------------------------------------------
 # files
-
-def atomic_write(path, write):
-    # a crash mid-write leaves the old file, never half a new one
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path, obj):
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + '\n').encode()))
-
 
 def read_json(path):
     try:
@@ -221,8 +207,6 @@ def save_bundle(checkpoint_dir, model, step, optimizer=None, tokenizer=None, bes
     Write a whole bundle. `optimizer` is an optimizer, a positional state_dict made by configure_optimizers, a
     named state, or None (deploy-only save). `extra_state` goes into training_state.json (e.g. rng, scaler).
     """
-    os.makedirs(checkpoint_dir, exist_ok=True)
-    path = lambda name: os.path.join(checkpoint_dir, name)
     merged = model.get_merged_state_dict()  # raises on NaN/inf before anything is written
     tokenizer = tokenizer or getattr(model, 'tokenizer_spec', None)
     factors = {k: v for k, v in model.state_dict().items() if is_lora_factor(k)}
@@ -230,15 +214,6 @@ def save_bundle(checkpoint_dir, model, step, optimizer=None, tokenizer=None, bes
         named = optimizer
     else:
         named = named_optimizer_state(model, optimizer) if optimizer is not None else None
-
-    atomic_write(path(MODEL_FILE), lambda f: torch.save(merged, f))
-    write_json(path(CONFIG_FILE), config_to_json(model.config))
-    if tokenizer is not None:
-        write_json(path(TOKENIZER_FILE), tokenizer)
-    if factors:
-        atomic_write(path(ADAPTER_FILE), lambda f: torch.save(factors, f))
-    if named is not None:
-        atomic_write(path(OPTIMIZER_FILE), lambda f: torch.save(named, f))
     state = {
         'format_version': FORMAT_VERSION,
         'step': int(step),
@@ -250,11 +225,25 @@ def save_bundle(checkpoint_dir, model, step, optimizer=None, tokenizer=None, bes
         'config': run_config or {},
         **(extra_state or {}),
     }
-    write_json(path(STATE_FILE), state)
-    # files this save did not write must not be mistaken for part of it
-    for name, used in ((OPTIMIZER_FILE, named is not None), (ADAPTER_FILE, bool(factors))):
-        if not used and os.path.exists(path(name)):
-            os.remove(path(name))
+
+    def write_files(directory):
+        save = lambda name, obj: torch.save(obj, os.path.join(directory, name))
+        save(MODEL_FILE, merged)
+        write_json(os.path.join(directory, CONFIG_FILE), config_to_json(model.config))
+        if tokenizer is not None:
+            write_json(os.path.join(directory, TOKENIZER_FILE), tokenizer)
+        if factors:
+            save(ADAPTER_FILE, factors)
+        if named is not None:
+            save(OPTIMIZER_FILE, named)
+        write_json(os.path.join(directory, STATE_FILE), state)
+
+    try:
+        # the whole bundle or nothing; the bundle files of the previous save are replaced, not carried over
+        commit_directory(checkpoint_dir, write_files, replaces=BUNDLE_FILES)
+    except OSError as e:
+        raise CheckpointError(f'saving the checkpoint to {checkpoint_dir} failed: {e}. The previous checkpoint '
+                              f'there, if any, is intact.') from None
     return checkpoint_dir
 
 
@@ -265,30 +254,34 @@ class Checkpoint:
     """ what a checkpoint holds, read lazily: weights, optimizer and adapters load only when asked for """
 
     def __init__(self, path, kind, config, tokenizer, step, best_val_loss, training_state, notes=(),
-                 weights=None, optimizer=None, lora_alpha=None):
+                 weights=None, optimizer=None, lora_alpha=None, manifest=None):
         self.path, self.kind, self.config, self.tokenizer = str(path), kind, config, tokenizer
         self.step, self.best_val_loss, self.training_state = step, best_val_loss, training_state
-        self.notes, self.lora_alpha = list(notes), lora_alpha
+        self.notes, self.lora_alpha, self.manifest = list(notes), lora_alpha, manifest
         self._weights, self._optimizer = weights, optimizer
 
     def file(self, name):
         return os.path.join(self.path, name)
 
+    def load_file(self, name):
+        verify_file(self.path, name, self.manifest) # the checksum first: a damaged file is named, not unpickled
+        return load_tensors(self.file(name))
+
     def weights(self):
         if self._weights is None:
-            self._weights = load_tensors(self.file(MODEL_FILE))
+            self._weights = self.load_file(MODEL_FILE)
         return self._weights
 
     def optimizer_state(self):
         """ the named optimizer state, or None when the checkpoint has none (or none we can name) """
         if self.kind == 'bundle':
             name = self.training_state.get('optimizer_file')
-            return load_tensors(self.file(name)) if name else None
+            return self.load_file(name) if name else None
         return self._optimizer
 
     def adapter_state(self):
         name = self.training_state.get('adapter_file')
-        return load_tensors(self.file(name)) if self.kind == 'bundle' and name else None
+        return self.load_file(name) if self.kind == 'bundle' and name else None
 
     def model_config(self, **adapter_settings):
         """ this checkpoint's base architecture with the given adapter settings (and dropout) laid over it """
@@ -315,13 +308,16 @@ def find_checkpoint(path, legacy_file=None):
         target = path / legacy_file if path.is_dir() else Path(legacy_file)
         return ('legacy', target) if target.is_file() else None
     if path.is_dir():
-        if (path / CONFIG_FILE).exists() or (path / MODEL_FILE).exists():
+        if any((path / name).exists() for name in (CONFIG_FILE, MODEL_FILE, 'manifest.json')):
             return 'bundle', path
         for name in LEGACY_NAMES:
             if (path / name).is_file():
                 return 'legacy', path / name
         return None
-    return ('legacy', path) if path.is_file() else None
+    if path.is_file():
+        return 'legacy', path
+    recovered = interrupted_save(path) # a crash between the two renames of a commit
+    return ('bundle', recovered) if recovered else None
 
 
 def read_checkpoint(path, legacy_file=None, meta_path=None):
@@ -330,15 +326,35 @@ def read_checkpoint(path, legacy_file=None, meta_path=None):
         what = f'{legacy_file} in {path}' if legacy_file else path
         raise CheckpointError(f'no checkpoint at {what}: expected a bundle directory (config.json + model.pt), '
                               f'a directory holding one of {", ".join(LEGACY_NAMES)}, or a checkpoint file')
-    kind, path = found
-    return read_bundle(path) if kind == 'bundle' else read_legacy(path, meta_path)
+    kind, found_path = found
+    if kind == 'legacy':
+        return read_legacy(found_path, meta_path)
+    ck = read_bundle(found_path)
+    if Path(found_path) != Path(path):
+        ck.notes.append(f'the last save to {path} was interrupted; read the complete checkpoint it left in {found_path}')
+    return ck
 
 
 def read_bundle(path):
-    config = config_from_dict(read_json(path / CONFIG_FILE), path / CONFIG_FILE)
-    state = read_json(path / STATE_FILE) if (path / STATE_FILE).exists() else {}
-    tokenizer = read_json(path / TOKENIZER_FILE) if (path / TOKENIZER_FILE).exists() else None
-    return Checkpoint(path, 'bundle', config, tokenizer, state.get('step', 0), state.get('best_val_loss'), state)
+    # every listed file there, at its size, else DamagedError naming the file; the JSON files may have been
+    # edited by hand (seed 003 invites it for batch_size, device, dropout): they are validated as they are read
+    manifest = check_sizes(path, editable=JSON_FILES)
+    notes = [] if manifest else ['no manifest.json (written by hand or by an older version): checksums not verified']
+    def read(name):
+        try:
+            verify_file(path, name, manifest)
+        except DamagedError:
+            notes.append(f'{name} was edited after it was saved (its checksum differs); used as it is now')
+        return read_json(path / name)
+    if not (path / CONFIG_FILE).exists():
+        raise CheckpointError(f'{path / CONFIG_FILE} is missing: a checkpoint bundle needs it')
+    config = config_from_dict(read(CONFIG_FILE), path / CONFIG_FILE)
+    state = read(STATE_FILE) if (path / STATE_FILE).exists() else {}
+    tokenizer = read(TOKENIZER_FILE) if (path / TOKENIZER_FILE).exists() else None
+    if not (path / MODEL_FILE).exists():
+        raise CheckpointError(f'{path / MODEL_FILE} is missing: a checkpoint bundle needs its weights')
+    return Checkpoint(path, 'bundle', config, tokenizer, state.get('step', 0), state.get('best_val_loss'), state,
+                      notes, manifest=manifest)
 
 
 def read_legacy(path, meta_path=None):

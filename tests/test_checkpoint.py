@@ -35,7 +35,7 @@ def sha(path):
 def test_bundle_layout_and_contents(tmp_path):
     model, optimizer, ids = trained_model(attn_lora_rank=2)
     save_bundle(tmp_path, model, 2, optimizer, val_loss=1.5)
-    assert sorted(os.listdir(tmp_path)) == ['adapter.pt', 'config.json', 'model.pt', 'optimizer.pt',
+    assert sorted(os.listdir(tmp_path)) == ['adapter.pt', 'config.json', 'manifest.json', 'model.pt', 'optimizer.pt',
                                             'tokenizer.json', 'training_state.json']
     weights = torch.load(tmp_path / 'model.pt', weights_only=True)
     assert list(weights) == list(GPT(GPTConfig(**TINY)).state_dict())  # standard keys only
@@ -68,6 +68,7 @@ def test_config_json_grows_and_shrinks_safely(tmp_path):
     with pytest.warns(UserWarning, match='a_future_field, batch_size, device'):
         ck = read_checkpoint(tmp_path)
     assert ck.config.dropout == 0.2 and ck.config.lora_dropout == 0.0
+    assert any('config.json was edited after it was saved' in note for note in ck.notes)  # said, not refused
     loaded = ck.build_model()[0].eval()
     with torch.no_grad():
         assert torch.equal(loaded(ids, ids)[0], model(ids, ids)[0])
@@ -109,7 +110,7 @@ def test_legacy_seed_api(tmp_path):
     assert torch.equal(saved['state']['transformer.wpe.weight']['exp_avg'],
                        optimizer_state['state']['transformer.wpe.weight']['exp_avg'])
     loaded.save(tmp_path / 'weights-only')
-    assert os.listdir(tmp_path / 'weights-only') == ['model.pt']
+    assert sorted(os.listdir(tmp_path / 'weights-only')) == ['manifest.json', 'model.pt']
 
 
 def test_bare_state_dict_needs_its_head_count(tmp_path):
@@ -138,8 +139,9 @@ def test_pickled_objects_are_refused(tmp_path):
 def test_inspect_reads_no_optimizer_or_weights(tmp_path):
     model, optimizer, _ = trained_model()
     save_bundle(tmp_path / 'm', model, 2, optimizer, best_val_loss=1.25, val_loss=1.25)
-    (tmp_path / 'm' / 'optimizer.pt').write_bytes(b'not read')
-    (tmp_path / 'm' / 'model.pt').write_bytes(b'not read either')
+    for name in ('optimizer.pt', 'model.pt'): # same-size garbage: passes the size check, would fail any read
+        path = tmp_path / 'm' / name
+        path.write_bytes(b'x' * path.stat().st_size)
     code, out = run_script('inspect_model.py', '--model_name', 'm', '--root', tmp_path, cwd=tmp_path)
     assert code == 0
     assert '=== FORMAT ===\nNew JSON-based format' in out and 'n_layer:2, n_head:2, n_embd:16' in out

@@ -1,0 +1,195 @@
+"""
+Crash-safe writing, and verified reading, of files and whole checkpoint directories.
+
+The promise: an interrupted or failed save never costs the last good checkpoint, and a damaged file is
+detected and named. How:
+- one file: written to a temporary name in the same directory, flushed, fsynced, renamed into place, and the
+  directory fsynced (a rename is atomic: readers see the old file or the new one, never half of one);
+- a directory (a bundle): written as a whole into a hidden sibling `.NAME.saving-PID`, its manifest
+  (names, sizes, crc32 and format version of every file) last, then swapped in for NAME. Until the swap the old
+  NAME is untouched; during the swap it sits at `.NAME.previous-PID`. Readers that find NAME missing (a crash
+  between the two renames) use the complete sibling, and the next save finishes the job;
+- files in NAME that the new save does not replace (a legacy latest.pt, a user's notes) are carried over as
+  hard links, with their manifest entries;
+- reading: sizes are checked when a directory is opened, checksums when a file is read.
+"""
+
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+MANIFEST_FILE = 'manifest.json'
+MANIFEST_VERSION = 1
+SAVING, PREVIOUS = '.saving-', '.previous-'
+
+
+class CheckpointError(ValueError):
+    """ a checkpoint that cannot be read or written: the message names the file, what was expected and what was found """
+
+
+class DamagedError(CheckpointError):
+    """ a file or directory that is not what its manifest says: damaged, truncated or never committed """
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write):
+    """ write(f) into a temporary file beside `path`, fsync it, rename it into place, fsync the directory """
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + '\n').encode()))
+
+
+def crc32_of(path, chunk=1 << 24):
+    crc = 0
+    with open(path, 'rb') as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+# -----------------------------------------------------------------------------
+# whole directories
+
+def siblings(final_dir, marker):
+    final_dir = Path(final_dir)
+    return sorted(final_dir.parent.glob(f'.{final_dir.name}{marker}*')) if final_dir.parent.is_dir() else []
+
+
+def read_manifest(directory):
+    """ the manifest of a committed directory, or None when it has none (written before manifests, or by hand) """
+    path = Path(directory) / MANIFEST_FILE
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding='utf-8'))
+        assert isinstance(manifest.get('files'), dict)
+        return manifest
+    except (ValueError, AssertionError, UnicodeDecodeError, AttributeError) as e:
+        raise DamagedError(f'{path} is damaged: expected a JSON object with "files", could not read it ({e})') from None
+
+
+def check_sizes(directory, editable=()):
+    """
+    Raise DamagedError unless every file the manifest lists is there with its size; returns the manifest.
+    `editable` files (JSON a user may edit by hand) need only be there: their readers validate them.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    for name, entry in (manifest or {}).get('files', {}).items():
+        path = directory / name
+        if not path.is_file():
+            raise DamagedError(f'{path} is missing, but the manifest lists it: the checkpoint is incomplete')
+        size = path.stat().st_size
+        if size != entry['size'] and name not in editable:
+            raise DamagedError(f'{path} has {size:,} bytes, the manifest says {entry["size"]:,}: truncated or damaged')
+    return manifest
+
+
+def verify_file(directory, name, manifest):
+    """ raise DamagedError if `name`'s crc32 is not the manifest's (no manifest, or not listed: nothing to check) """
+    entry = (manifest or {}).get('files', {}).get(name)
+    if entry is None:
+        return
+    path = Path(directory) / name
+    if path.stat().st_size != entry['size'] or crc32_of(path) != entry['crc32']:
+        raise DamagedError(f'{path} does not match its checksum in {MANIFEST_FILE}: the file is damaged '
+                           '(a flipped bit, a partial copy); restore it from a backup or use an earlier checkpoint')
+
+
+def complete(directory):
+    try:
+        return read_manifest(directory) is not None and check_sizes(directory) is not None
+    except DamagedError:
+        return False
+
+
+def interrupted_save(final_dir):
+    """ the complete directory an interrupted commit left beside a missing final_dir, or None """
+    for candidate in siblings(final_dir, SAVING) + siblings(final_dir, PREVIOUS):
+        if complete(candidate):
+            return candidate
+    return None
+
+
+def recover(final_dir):
+    """ finish an interrupted commit (put its complete directory in place) and clear the leftovers """
+    final_dir = Path(final_dir)
+    if not final_dir.exists():
+        candidate = interrupted_save(final_dir)
+        if candidate is not None:
+            os.rename(candidate, final_dir)
+            fsync_dir(final_dir.parent)
+            print(f'recovered {final_dir} from an interrupted save ({candidate.name})')
+    for leftover in siblings(final_dir, SAVING) + siblings(final_dir, PREVIOUS):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def carry_over(old_dir, new_dir, names):
+    """ hard-link the entries of old_dir named in `names` into new_dir (no copy; the bytes are shared) """
+    for name in names:
+        source, target = Path(old_dir) / name, Path(new_dir) / name
+        if source.is_dir():
+            shutil.copytree(source, target, copy_function=os.link, symlinks=True)
+        else:
+            os.link(source, target)
+
+
+def commit_directory(final_dir, write_files, replaces=()):
+    """
+    Write final_dir as a whole: write_files(directory) writes the new files; entries of the old final_dir that
+    are neither written nor named in `replaces` are carried over. The manifest is written last, then the new
+    directory is swapped in. If anything fails, the old final_dir is as it was and the error says what failed.
+    """
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    recover(final_dir)
+    tmp = final_dir.with_name(f'.{final_dir.name}{SAVING}{os.getpid()}')
+    old = final_dir.with_name(f'.{final_dir.name}{PREVIOUS}{os.getpid()}')
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write_files(tmp)
+        written = {p.name for p in tmp.iterdir()}
+        files = {name: {'size': (tmp / name).stat().st_size, 'crc32': crc32_of(tmp / name)}
+                 for name in sorted(written) if (tmp / name).is_file()}
+        if final_dir.exists():
+            kept = sorted(p.name for p in final_dir.iterdir()
+                          if p.name not in written and p.name not in replaces and p.name != MANIFEST_FILE)
+            carry_over(final_dir, tmp, kept)
+            old_entries = (read_manifest(final_dir) or {}).get('files', {})
+            files.update({name: old_entries[name] for name in kept if name in old_entries})
+        write_json(tmp / MANIFEST_FILE, {'format_version': MANIFEST_VERSION, 'files': files})
+        fsync_dir(tmp)
+        if final_dir.exists():
+            os.rename(final_dir, old)
+        os.rename(tmp, final_dir)
+        fsync_dir(final_dir.parent)
+    except BaseException:
+        if old.exists() and not final_dir.exists():
+            os.rename(old, final_dir) # the swap itself failed: put the last good directory back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return final_dir
