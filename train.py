@@ -84,6 +84,7 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu' # or 'cpu', 'cuda:0', 'm
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16' if torch.cuda.is_available() else 'float32'
 compile = False # use PyTorch 2.0 to compile the model to be faster
 seed = 1337
+debug = False # show the traceback of errors that are otherwise reported in one paragraph
 # -----------------------------------------------------------------------------
 config_keys = [k for k,v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 config = {k: globals()[k] for k in config_keys}
@@ -96,6 +97,9 @@ globals().update(config)
 
 def fail(error):
     # a clear message and a non-zero exit code, not a traceback from deep inside torch
+    if debug:
+        import traceback
+        traceback.print_exc()
     sys.exit(f"error: {error}")
 
 if model_name:
@@ -269,7 +273,7 @@ while True:
                 try:
                     save_checkpoint(out_dir, raw_model, optimizer if save_optimizer else None, iter_num,
                                     best_val_loss, losses['val'], config, scaler, rng_before_batch)
-                except CheckpointMismatchError as e: # a diverged adapter: refuse to write NaN weights
+                except (CheckpointError, CheckpointMismatchError) as e: # disk full; a diverged adapter (NaN)
                     fail(e)
                 if wandb_log:
                     wandb.log({"iter": iter_num, "checkpoint/step": iter_num, "checkpoint/dir": out_dir})

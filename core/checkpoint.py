@@ -29,7 +29,7 @@ from model import (GPT, GPTConfig, BASE_FIELDS, CheckpointMismatchError, is_lora
                    load_universal_state_dict, standard_key, standardize_state_dict)
 from core.commit import (CheckpointError, DamagedError, atomic_write, check_sizes, commit_directory,
                          interrupted_save, verify_file, write_json)
-from core.tokenizer import char_spec, load_tokenizer
+from core.tokenizer import char_spec, load_tokenizer, spec_vocab_size
 
 FORMAT_VERSION = 1
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = 'model.pt', 'config.json', 'tokenizer.json'
@@ -295,6 +295,9 @@ class Checkpoint:
                                          adapters=adapters)
 
     def build_model(self, device='cpu', **adapter_settings):
+        if self.tokenizer is not None and spec_vocab_size(self.tokenizer) > self.config.vocab_size:
+            raise CheckpointError(f'{self.path}: its tokenizer produces {spec_vocab_size(self.tokenizer)} ids but the model '
+                                  f'has {self.config.vocab_size} embedding rows: tokenizer.json does not belong to these weights')
         model = GPT(self.model_config(**adapter_settings))
         report = self.load_into(model)
         model.tokenizer_spec = self.tokenizer

@@ -110,6 +110,13 @@ def load_tokenizer(spec):
         f"but found {found}.")
 
 
+def spec_vocab_size(spec):
+    """ how many ids a tokenizer spec produces, without loading tiktoken's files """
+    if isinstance(spec, dict) and spec.get("token_kind") == "gpt2":
+        return 50257
+    return load_tokenizer(spec).vocab_size
+
+
 def char_spec(text):
     """The char-level spec for a text: its distinct characters, sorted (ids follow that order)."""
     return {"token_kind": "char", "chars": sorted(set(text))}

@@ -172,7 +172,7 @@ def test_generate_refuses_a_tokenizer_larger_than_the_model(tmp_path):
     model.tokenizer_spec = {'token_kind': 'char', 'chars': CHARS + ['x', 'y']}
     save_bundle(tmp_path / 'm', model, 2)
     code, out = run_script('generate.py', '--checkpoint', tmp_path / 'm', cwd=tmp_path, ok=False)
-    assert code == 1 and f'{len(CHARS) + 2} tokens but the model only {len(CHARS)} rows' in out
+    assert code == 1 and f'produces {len(CHARS) + 2} ids but the model has {len(CHARS)} embedding rows' in out
 
 
 def test_convert_keeps_original_optimizer_and_verifies(tmp_path):
