@@ -242,8 +242,8 @@ def save_bundle(checkpoint_dir, model, step, optimizer=None, tokenizer=None, bes
         # the whole bundle or nothing; the bundle files of the previous save are replaced, not carried over
         commit_directory(checkpoint_dir, write_files, replaces=BUNDLE_FILES)
     except OSError as e:
-        raise CheckpointError(f'saving the checkpoint to {checkpoint_dir} failed: {e}. The previous checkpoint '
-                              f'there, if any, is intact.') from None
+        raise CheckpointError(f'saving the checkpoint to {checkpoint_dir} failed: {e}. {checkpoint_dir} holds the '
+                              f'last complete checkpoint (the previous one, unless the failure came after the swap).') from None
     return checkpoint_dir
 
 
@@ -316,8 +316,7 @@ def find_checkpoint(path, legacy_file=None):
         for name in LEGACY_NAMES:
             if (path / name).is_file():
                 return 'legacy', path / name
-        return None
-    if path.is_file():
+    elif path.is_file():
         return 'legacy', path
     recovered = interrupted_save(path) # a crash between the two renames of a commit
     return ('bundle', recovered) if recovered else None

@@ -125,6 +125,11 @@ def complete(directory):
         return False
 
 
+def missing(final_dir):
+    """ no directory, or an empty one """
+    return not final_dir.exists() or (final_dir.is_dir() and not any(final_dir.iterdir()))
+
+
 def interrupted_save(final_dir):
     """ the complete directory an interrupted commit left beside a missing final_dir, or None """
     for candidate in siblings(final_dir, SAVING) + siblings(final_dir, PREVIOUS):
@@ -136,9 +141,11 @@ def interrupted_save(final_dir):
 def recover(final_dir):
     """ finish an interrupted commit (put its complete directory in place) and clear the leftovers """
     final_dir = Path(final_dir)
-    if not final_dir.exists():
+    if missing(final_dir):
         candidate = interrupted_save(final_dir)
         if candidate is not None:
+            if final_dir.exists():
+                final_dir.rmdir() # empty: made by a program that was about to save into it
             os.rename(candidate, final_dir)
             fsync_dir(final_dir.parent)
             print(f'recovered {final_dir} from an interrupted save ({candidate.name})')
@@ -184,12 +191,14 @@ def commit_directory(final_dir, write_files, replaces=()):
         fsync_dir(tmp)
         if final_dir.exists():
             os.rename(final_dir, old)
-        os.rename(tmp, final_dir)
-        fsync_dir(final_dir.parent)
+        os.rename(tmp, final_dir) # the commit point
     except BaseException:
         if old.exists() and not final_dir.exists():
             os.rename(old, final_dir) # the swap itself failed: put the last good directory back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        fsync_dir(final_dir.parent) # committed; this makes the rename itself durable
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
     return final_dir
