@@ -21,6 +21,7 @@ import numpy as np
 
 if __name__ == "__main__":  # run as `python data/prepare.py`: make the repo root importable, for core/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from core.commit import atomic_write, write_json
 from core.tokenizer import TokenizerError, char_spec, load_tokenizer
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -47,7 +48,7 @@ def pydocs_text():
 def download(url, path):
     with urllib.request.urlopen(url, timeout=30) as response:
         data = response.read()  # read it all first, so a failed download leaves no half-written file
-    path.write_bytes(data)
+    atomic_write(path, lambda f: f.write(data))
 
 
 def read_text_file(path):
@@ -108,11 +109,12 @@ def prepare(dataset="pydocs_char", input_path=None, out_dir=None, tokenizer=None
     print(f"train has {len(train_ids):,} tokens")
     print(f"val has {len(val_ids):,} tokens")
 
-    np.array(train_ids, dtype=np.uint16).tofile(out_dir / "train.bin")
-    np.array(val_ids, dtype=np.uint16).tofile(out_dir / "val.bin")
+    # each file whole or not at all: an interrupted run never leaves a short train.bin behind
+    atomic_write(out_dir / "train.bin", np.array(train_ids, dtype=np.uint16).tofile)
+    atomic_write(out_dir / "val.bin", np.array(val_ids, dtype=np.uint16).tofile)
     meta = {"vocab_size": enc.vocab_size, "tokenizer": spec, "source": source,
             "train_tokens": len(train_ids), "val_tokens": len(val_ids)}
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    write_json(out_dir / "meta.json", meta)
     print(f"wrote train.bin, val.bin and meta.json to {out_dir}")
     return meta
 

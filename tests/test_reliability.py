@@ -363,3 +363,38 @@ def test_resume_after_crash_mid_save(tmp_path, point, record_fault):
     assert read_checkpoint(tmp_path / 'run').step == 30
     assert [p.name for p in tmp_path.iterdir() if SAVING in p.name or PREVIOUS in p.name] == []
     record_fault('crash mid-save, then resume', f'resumed from step {expected}')
+
+
+# -----------------------------------------------------------------------------
+# the rules, checked in the code itself
+
+def code_calls(source, name):
+    """ the token text of every call of `name` (e.g. 'torch.load') in Python source, comments and strings excluded """
+    import io
+    import tokenize
+    tokens = [t for t in tokenize.generate_tokens(io.StringIO(source).readline)
+              if t.type not in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE)]
+    parts, calls = name.split('.'), []
+    for i in range(len(tokens)):
+        if [t.string for t in tokens[i:i + 2 * len(parts) - 1:2]] == parts and tokens[i + 2 * len(parts) - 1].string == '(':
+            depth, j = 0, i + 2 * len(parts) - 1
+            while True:
+                depth += {'(': 1, ')': -1}.get(tokens[j].string, 0)
+                if depth == 0:
+                    break
+                j += 1
+            calls.append(' '.join(t.string for t in tokens[i:j + 1]))
+    return calls
+
+
+def test_every_torch_load_is_weights_only_and_nothing_loads_non_strictly():
+    files = [p for p in REPO.rglob('*.py') if not any(part.startswith('.') or part == 'venv' for part in p.relative_to(REPO).parts)]
+    loads = []
+    for path in files:
+        source = path.read_text(encoding='utf-8')
+        for call in code_calls(source, 'torch.load'):
+            loads.append(call)
+            assert 'weights_only = True' in call, f'{path.name}: {call}'
+        for call in code_calls(source, 'load_state_dict'):
+            assert 'strict = False' not in call, f'{path.name}: {call}'
+    assert len(loads) >= 5 # the check saw the project's loads (core/checkpoint.py, the tests, ...)
