@@ -90,3 +90,13 @@ def make_nanogpt_checkpoint(directory, vocab_chars, n_layer=2, n_head=2, n_embd=
     with open(meta_dir / 'meta.pkl', 'wb') as f:  # the fixture of a file nanoGPT writes, not our format
         pickle.dump({'vocab_size': len(vocab_chars), 'itos': {i: ch for ch, i in stoi.items()}, 'stoi': stoi}, f)
     return path, model, ids
+
+
+def fill_with_step(model, optimizer, step):
+    """ every weight and optimizer moment set to `step`, so a checkpoint that mixes two saves is visible """
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(step)
+        for s in optimizer.state.values():
+            s['exp_avg'].fill_(step)
+            s['exp_avg_sq'].fill_(step)
