@@ -341,9 +341,10 @@ class GPT(nn.Module):
 
     def save(self, checkpoint_dir):
         """ only model.pt: the universal merged weights """
-        from core.checkpoint import MODEL_FILE, commit_directory
+        from core.checkpoint import MODEL_FILE, atomic_write, commit_directory
         merged = self.get_merged_state_dict()
-        commit_directory(checkpoint_dir, lambda d: torch.save(merged, os.path.join(d, MODEL_FILE)), replaces=(MODEL_FILE,))
+        write = lambda d: atomic_write(os.path.join(d, MODEL_FILE), lambda f: torch.save(merged, f))
+        commit_directory(checkpoint_dir, write, replaces=(MODEL_FILE,))
 
     def save_checkpoint_bundle(self, checkpoint_dir, step, optimizer_state=None, **state):
         """ the whole bundle; optimizer_state: an optimizer, its state_dict() or a named state """
@@ -512,9 +513,17 @@ def load_universal_state_dict(model, state_dict, lora_alpha=None, source='the ch
     if 'transformer.wte' in restore:
         mapped['lm_head.weight'] = mapped['transformer.wte.main_weight.weight']  # the head is tied to the base table
     fresh = sorted({k.rsplit('.lora_', 1)[0] for k in factors} - restore)
-    for k in factors:
-        mapped.setdefault(k, target[k])  # placeholders, re-initialised below: the load itself stays strict
-    model.load_state_dict(mapped, strict=True)
+    # a model built on the meta device (no memory, no random init) takes the tensors themselves (assign): with an
+    # mmap'd checkpoint, the weights are the file's pages, loaded at 1x memory. Otherwise they are copied in.
+    on_meta = any(p.is_meta for p in model.parameters())
+    for k in factors:  # placeholders for the new factors, initialised below: the load itself stays strict
+        mapped.setdefault(k, torch.empty(target[k].shape, dtype=target[k].dtype) if on_meta else target[k])
+    if on_meta:
+        mapped = {k: v if v.dtype == target[k].dtype else v.to(target[k].dtype) for k, v in mapped.items()}
+    model.load_state_dict(mapped, strict=True, assign=on_meta)
+    if on_meta:
+        model.token_table().weight = model.lm_head.weight  # assign gave the two tied keys two Parameters: tie again
+        model.set_trainable()
     for m in fresh:
         model.get_submodule(m).reset_lora_parameters()
     merged_source = sorted({k.rsplit('.lora_', 1)[0] for k in strip_wrapper_prefixes(state_dict) if '.lora_A.' in k})

@@ -195,7 +195,7 @@ else:
             if k in model_args and ours != theirs and not (k == 'n_hidden' and ours == 0):
                 print(f"note: {k} = {theirs} from the checkpoint is used (this config says {ours})")
             model_args[k] = theirs
-        model = GPT(GPTConfig(**model_args))
+        model = GPT.on_meta(GPTConfig(**model_args)) # built without memory or init: the checkpoint fills it
         report = ckpt.load_into(model)
     except (CheckpointError, CheckpointMismatchError) as e:
         fail(e)

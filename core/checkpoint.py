@@ -227,7 +227,7 @@ def save_bundle(checkpoint_dir, model, step, optimizer=None, tokenizer=None, bes
     }
 
     def write_files(directory):
-        save = lambda name, obj: torch.save(obj, os.path.join(directory, name))
+        save = lambda name, obj: atomic_write(os.path.join(directory, name), lambda f: torch.save(obj, f))
         save(MODEL_FILE, merged)
         write_json(os.path.join(directory, CONFIG_FILE), config_to_json(model.config))
         if tokenizer is not None:
@@ -265,7 +265,7 @@ class Checkpoint:
 
     def load_file(self, name):
         verify_file(self.path, name, self.manifest) # the checksum first: a damaged file is named, not unpickled
-        return load_tensors(self.file(name))
+        return load_tensors(self.file(name), mmap=True) # read by the page, when touched; the pages stay cached
 
     def weights(self):
         if self._weights is None:
@@ -298,7 +298,7 @@ class Checkpoint:
         if self.tokenizer is not None and spec_vocab_size(self.tokenizer) > self.config.vocab_size:
             raise CheckpointError(f'{self.path}: its tokenizer produces {spec_vocab_size(self.tokenizer)} ids but the model '
                                   f'has {self.config.vocab_size} embedding rows: tokenizer.json does not belong to these weights')
-        model = GPT(self.model_config(**adapter_settings))
+        model = GPT.on_meta(self.model_config(**adapter_settings)) # no init of weights about to be replaced
         report = self.load_into(model)
         model.tokenizer_spec = self.tokenizer
         return model.to(device), report
@@ -361,7 +361,7 @@ def read_bundle(path):
 
 def read_legacy(path, meta_path=None):
     """ a single-file checkpoint: nanoGPT's ckpt.pt, an older latest.pt / final.pt, or a bare state dict """
-    ck = load_tensors(path)
+    ck = load_tensors(path, mmap=True) # its optimizer state is only read if a resume asks for it
     if not isinstance(ck, dict):
         raise CheckpointError(f'{path} holds a {type(ck).__name__}, expected a checkpoint dict or a state dict')
     if ck and all(torch.is_tensor(v) for v in ck.values()):

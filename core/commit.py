@@ -41,13 +41,33 @@ def fsync_dir(path):
         os.close(fd)
 
 
+class ChecksumWriter:
+    """ a file object that passes writes through and keeps the crc32 and size of what went by """
+
+    def __init__(self, f):
+        self.f, self.crc32, self.size = f, 0, 0
+
+    def write(self, data):
+        self.crc32 = zlib.crc32(data, self.crc32)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+# crc32 and size of the files this process has just written, by path, so a commit never reads them back
+WRITTEN = {}
+
+
 def atomic_write(path, write):
     """ write(f) into a temporary file beside `path`, fsync it, rename it into place, fsync the directory """
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
     try:
         with open(tmp, 'wb') as f:
-            write(f)
+            checked = ChecksumWriter(f)
+            write(checked)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -55,6 +75,7 @@ def atomic_write(path, write):
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+    WRITTEN[str(path)] = {'size': checked.size, 'crc32': checked.crc32}
 
 
 def write_json(path, obj):
@@ -179,7 +200,8 @@ def commit_directory(final_dir, write_files, replaces=()):
     try:
         write_files(tmp)
         written = {p.name for p in tmp.iterdir()}
-        files = {name: {'size': (tmp / name).stat().st_size, 'crc32': crc32_of(tmp / name)}
+        files = {name: WRITTEN.pop(str(tmp / name), None) or {'size': (tmp / name).stat().st_size,
+                                                             'crc32': crc32_of(tmp / name)}
                  for name in sorted(written) if (tmp / name).is_file()}
         if final_dir.exists():
             kept = sorted(p.name for p in final_dir.iterdir()

@@ -110,8 +110,9 @@ def prepare(dataset="pydocs_char", input_path=None, out_dir=None, tokenizer=None
     print(f"val has {len(val_ids):,} tokens")
 
     # each file whole or not at all: an interrupted run never leaves a short train.bin behind
-    atomic_write(out_dir / "train.bin", np.array(train_ids, dtype=np.uint16).tofile)
-    atomic_write(out_dir / "val.bin", np.array(val_ids, dtype=np.uint16).tofile)
+    for name, ids in (("train.bin", train_ids), ("val.bin", val_ids)):
+        data = np.array(ids, dtype=np.uint16).data # the array's own bytes, not a copy
+        atomic_write(out_dir / name, lambda f: f.write(data))
     meta = {"vocab_size": enc.vocab_size, "tokenizer": spec, "source": source,
             "train_tokens": len(train_ids), "val_tokens": len(val_ids)}
     write_json(out_dir / "meta.json", meta)

@@ -200,3 +200,24 @@ def test_train_refuses_data_with_another_vocabulary(tmp_path):
     run_train(tmp_path, '--out_dir', 'std', '--max_iters', 2)  # the repo's pydocs_char corpus
     code, out = run_train(tmp_path, '--resume_from', 'std', '--dataset', 'letters', ok=False)
     assert code == 1 and 'another tokenizer' in out and 'Traceback' not in out
+
+
+def test_fast_load_is_tied_trainable_and_exact(tmp_path):
+    """ build_model: meta-device model + mmap'd weights assigned in place; the tie and the trainable set hold """
+    model, optimizer, ids = trained_model(embedding_mode='lora', embedding_rank=2, attn_lora_rank=2)
+    save_bundle(tmp_path, model, 2, optimizer)
+    for adapters in ({}, dict(embedding_mode='lora', embedding_rank=2, attn_lora_rank=2)):
+        loaded = read_checkpoint(tmp_path).build_model(**adapters)[0].eval()
+        assert not any(p.is_meta for p in loaded.parameters())
+        assert loaded.lm_head.weight is loaded.token_table().weight  # one Parameter, as nanoGPT ties them
+        assert [n for n, p in loaded.named_parameters() if p.requires_grad] == \
+               [n for n, p in GPT(loaded.config).named_parameters() if p.requires_grad]
+        with torch.no_grad():
+            assert (loaded(ids, ids)[0] - model(ids, ids)[0]).abs().max() < 1e-5
+    # the loaded (standard) model trains, and its tied head moves with the embedding
+    loaded = read_checkpoint(tmp_path).build_model()[0]
+    opt = loaded.configure_optimizers(0.0, 1e-2, (0.9, 0.99), 'cpu')
+    before = loaded.lm_head.weight.detach().clone()
+    loaded(ids, ids)[1].backward()
+    opt.step()
+    assert not torch.equal(before, loaded.lm_head.weight) and torch.equal(loaded.lm_head.weight, loaded.transformer.wte.weight)
