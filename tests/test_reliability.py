@@ -23,7 +23,7 @@ import torch
 
 from model import GPT, GPTConfig, CheckpointMismatchError
 from core.checkpoint import CheckpointError, read_checkpoint, read_meta_pkl, save_bundle
-from core.commit import MANIFEST_FILE, SAVING, PREVIOUS, crc32_of, verify_file
+from core.commit import MANIFEST_FILE, SAVING, PREVIOUS, file_checksum, verify_file
 import core.checkpoint
 import core.commit
 from load_checkpoint_helper import load_pretrained_checkpoint, make_random_checkpoint
@@ -274,7 +274,7 @@ def hostile_bundle(directory, name, payload):
     save_state(directory, 4, attn_lora_rank=2)
     torch.save({'x': payload}, directory / name)
     manifest = json.loads((directory / MANIFEST_FILE).read_text())
-    manifest['files'][name] = {'size': (directory / name).stat().st_size, 'crc32': crc32_of(directory / name)}
+    manifest['files'][name] = {'size': (directory / name).stat().st_size, 'xxh3_64': file_checksum(directory / name)}
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
     return directory
 
