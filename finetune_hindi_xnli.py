@@ -29,8 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from load_checkpoint_helper import ModdedCheckpointError, load_pretrained_checkpoint
-from core.checkpoint import (CheckpointError, atomic_write, check_sizes, commit_directory, load_tensors, read_json,
-                             rng_state, set_rng_state, verify_file, write_json)
+from core.checkpoint import (CheckpointError, check_sizes, commit_directory, load_tensors, read_json, rng_state,
+                             save_tensors, set_rng_state, verify_file, write_json)
 from core.commit import recover
 from core.tokenizer import TokenizerError, hf_spec_from_file, load_tokenizer
 
@@ -302,13 +302,12 @@ BUNDLE_FILES = ('model.pt', 'config.json', 'tokenizer.json', 'training_state.jso
 def save_bundle(path, model, config, tokenizer_spec, state, optimizer=None):
     """ written whole into a hidden sibling directory, then swapped in: the old bundle stays until the new is whole """
     def write_files(tmp):
-        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        atomic_write(tmp / 'model.pt', lambda f: torch.save(weights, f))
+        save_tensors(tmp / 'model.pt', {k: v.detach().cpu() for k, v in model.state_dict().items()})
         write_json(tmp / 'config.json', config)
         write_json(tmp / 'tokenizer.json', tokenizer_spec)
         write_json(tmp / 'training_state.json', state)
         if optimizer is not None:
-            atomic_write(tmp / 'optimizer.pt', lambda f: torch.save(optimizer.state_dict(), f))
+            save_tensors(tmp / 'optimizer.pt', optimizer.state_dict())
     commit_directory(path, write_files, replaces=BUNDLE_FILES)
 
 

@@ -166,6 +166,7 @@ def test_disk_full_at_each_write_step(tmp_path, monkeypatch, record_fault):
                 raised = None
             except CheckpointError as e:
                 raised = str(e)
+        core.commit.finish_cleanups()
         leftovers = [p.name for p in tmp_path.iterdir() if SAVING in p.name or PREVIOUS in p.name]
         ck = read_checkpoint(directory)
         assert ck.step in (1, 2), f'failure at call {fail_at} ({fault.failed_in}) left step {ck.step}'
