@@ -16,7 +16,7 @@ layout (model.small_to_medium_state_dict), then a strict load.
 
 import torch
 
-from model import (GPTBatched, GPTFlexAttention, KNOWN_HEADS, Rotary, check_state_dict_fits,
+from model import (GPTBatched, GPTFlexAttention, KNOWN_HEADS, Rotary, check_state_dict_fits, meta_device,
                    small_to_medium_state_dict, strip_wrapper_prefixes)
 from core.checkpoint import CheckpointError, load_tensors
 
@@ -123,7 +123,7 @@ def load_pretrained_checkpoint(path, device='cpu', num_heads=None, max_seq_len=1
     _, sd = read_state_dict(path)
     sd = fine_tuning_state_dict(path, info, sd)
     arch = 'small' if info['layout'] == 'small' else 'medium'
-    with torch.device('meta'): # no random init of weights about to be replaced
+    with meta_device(): # no memory, no random init of weights about to be replaced
         model = GPTBatched(info['vocab_size'], info['num_layers'], info['num_heads'], info['model_dim'], max_seq_len,
                            info['head_dim'], arch=arch)
     check_state_dict_fits(model.state_dict(), sd, path, f"GPTBatched({info['format']}, {info['num_layers']} layers, "
