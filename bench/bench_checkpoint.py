@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from model import GPT, GPTConfig, LoRALinear
 from core.checkpoint import CheckpointManager, apply_optimizer_state, read_checkpoint, save_bundle
-from core.commit import file_checksum
+from core.commit import file_checksum, finish_cleanups
 from load_checkpoint_helper import load_pretrained_checkpoint, make_random_checkpoint
 
 SIZES = {
@@ -38,10 +38,18 @@ SIZES = {
 }
 
 
+def settle():
+    # before every timed run: the last save's replaced files freed, every dirty page on disk, so no
+    # measurement pays for the writeback of the one before
+    finish_cleanups()
+    os.sync()
+
+
 def best_time(fn, repeat=3):
     """ the fastest of `repeat` runs (the one least disturbed by the rest of the machine), and its result """
     best, result = float('inf'), None
     for _ in range(repeat):
+        settle()
         t0 = time.perf_counter()
         result = fn()
         best = min(best, time.perf_counter() - t0)

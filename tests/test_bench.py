@@ -1,0 +1,25 @@
+"""
+The benchmark's --size tiny mode as a smoke test: it runs end to end and reports every measurement as a finite
+ratio to a limit measured in the same run. No timing is asserted: timings belong to the benchmark's own output.
+"""
+
+import json
+import math
+
+from tests.helpers import run_script
+
+EXPECTED_ROWS = ['bundle save', 'model save', 'LoRA merge', 'model load, warm', 'model load, cold', 'peak RSS growth',
+                 'full resume', 'load_for_inference', 'modded small -> GPTBatched', 'LoRA train step',
+                 'fine-tuning throughput']
+
+
+def test_benchmark_tiny_runs_and_reports_ratios(tmp_path):
+    code, out = run_script('bench/bench_checkpoint.py', '--size', 'tiny', '--json', tmp_path / 'bench.json', cwd=tmp_path)
+    results = json.loads((tmp_path / 'bench.json').read_text())
+    rows = {row['what']: row for row in results['rows']}
+    for expected in EXPECTED_ROWS:
+        row = next((r for what, r in rows.items() if what.startswith(expected)), None)
+        assert row is not None, f'no {expected!r} row in {list(rows)}'
+        assert row['value'] > 0 and row['limit'] > 0 and math.isfinite(row['ratio']), row
+        assert expected in out # and it was printed
+    assert results['model_bytes'] > 0 and results['optimizer_bytes'] > results['model_bytes'] # Adam: 2 moments
