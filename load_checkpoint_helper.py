@@ -128,8 +128,8 @@ def load_pretrained_checkpoint(path, device='cpu', num_heads=None, max_seq_len=1
                            info['head_dim'], arch=arch)
     check_state_dict_fits(model.state_dict(), sd, path, f"GPTBatched({info['format']}, {info['num_layers']} layers, "
                                                         f"{info['num_heads']} heads, dim {info['model_dim']})")
-    # fp32 copies (bf16 -> fp32 is exact), so the model owns its memory rather than the file's mapping
-    model.load_state_dict({k: v.to(torch.float32, copy=True) for k, v in sd.items()}, strict=True, assign=True)
+    # fp32 tensors are the file's mapped pages (private: training writes copy them); bf16 ones become fp32 (exact)
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
     model.rotary = Rotary(info['head_dim'], max_seq_len) # its tables are not in the file: computed here
     return model.to(device), info, checkpoint
 
