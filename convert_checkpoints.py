@@ -5,6 +5,8 @@ comes along (named by parameter), and each conversion is verified by comparing l
 $ python convert_checkpoints.py                              # every model under checkpoints/
 $ python convert_checkpoints.py checkpoints/dante/final.pt out/ckpt.pt
 $ python convert_checkpoints.py out/ckpt.pt --out bundles/shakespeare
+$ python convert_checkpoints.py out-deploy --to hf hf-model         # transformers' GPT2LMHeadModel reads it
+$ python convert_checkpoints.py out-deploy --to nanogpt ckpt.pt     # nanoGPT's sample.py / train.py read it
 """
 
 import argparse
@@ -13,6 +15,7 @@ import os
 import torch
 
 from core.checkpoint import LEGACY_NAMES, CheckpointError, find_checkpoint, read_checkpoint, save_bundle
+from core.interop import export_hf, export_nanogpt
 from core.cli import run
 
 TOLERANCE = 1e-5  # max |logits difference| allowed between the legacy file and its bundle (fp32)
@@ -59,7 +62,28 @@ def legacy_sources(root):
     return sources
 
 
+def export(source, fmt, out, meta=None):
+    """ any checkpoint -> a Hugging Face GPT-2 directory or a nanoGPT ckpt.pt, checked by reading it back """
+    ck = read_checkpoint(source, meta_path=meta)
+    model, _ = ck.build_model()
+    if fmt == 'hf':
+        export_hf(model, out)
+    else:
+        export_nanogpt(model, out, ck.step, ck.best_val_loss, ck.optimizer_state(), run_config=ck.training_state.get('config'))
+    reread, _ = read_checkpoint(out).build_model()
+    diff = max_logit_difference(model.eval(), reread.eval(), ck.config.vocab_size, ck.config.block_size)
+    if diff > TOLERANCE:
+        raise CheckpointError(f'the {fmt} export in {out} does not reproduce {ck.path}: logits differ by {diff:.2e}')
+    print(f'{ck.path} -> {out} ({fmt}): step {ck.step}, max |logits difference| read back {diff:.1e}')
+
+
 def main(args):
+    if args.to:
+        fmt, out = args.to
+        if fmt not in ('hf', 'nanogpt') or len(args.paths) != 1:
+            raise CheckpointError('--to takes hf or nanogpt and an output path, after exactly one source: '
+                                  'convert_checkpoints.py SOURCE --to hf OUT_DIR')
+        return export(args.paths[0], fmt, out, args.meta)
     sources = args.paths or legacy_sources(args.root)
     if not sources:
         print(f'nothing to convert: no legacy checkpoints ({", ".join(LEGACY_NAMES)}) without a bundle under {args.root}')
@@ -76,6 +100,8 @@ if __name__ == '__main__':
     parser.add_argument('--root', default='checkpoints')
     parser.add_argument('--out', help='where to write the bundle (default: beside the source)')
     parser.add_argument('--force', action='store_true', help='replace a bundle already in the output directory')
+    parser.add_argument('--to', nargs=2, metavar=('FORMAT', 'OUT'),
+                        help='export instead: hf OUT_DIR (transformers GPT2LMHeadModel) or nanogpt FILE (its ckpt.pt)')
     parser.add_argument('--meta', help="the vocabulary, for files that don't store one (meta.json or nanoGPT meta.pkl)")
     parser.add_argument('--debug', action='store_true', help='show the full traceback on errors')
     run(main, parser.parse_args())

@@ -143,7 +143,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = make_linear(config.n_embd, config.n_hidden, config.bias, config.mlp_lora_rank, config)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate='tanh' if config.activation == 'gelu_tanh' else 'none')
         self.c_proj = make_linear(config.n_hidden, config.n_embd, config.bias, config.mlp_lora_rank, config)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -167,7 +167,7 @@ class Block(nn.Module):
 
 
 # the fields that define the weights; the rest of GPTConfig is how adapters are laid over them
-BASE_FIELDS = ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'bias', 'n_hidden')
+BASE_FIELDS = ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'bias', 'n_hidden', 'activation')
 
 @dataclass
 class GPTConfig:
@@ -179,6 +179,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
     n_hidden: int = 0 # MLP width; 0 means nanoGPT's 4 * n_embd
+    activation: str = 'gelu' # nanoGPT's exact GELU; 'gelu_tanh' is GPT-2's own ('gelu_new' in transformers)
     # adapters: rank 0 means a plain layer
     embedding_mode: str = 'standard' # 'standard' | 'lora' (LoRA on the token embedding, rank embedding_rank)
     attn_lora_rank: int = 0 # LoRA on attn.c_attn and attn.c_proj
@@ -191,6 +192,8 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_hidden <= 0:
             self.n_hidden = 4 * self.n_embd
+        if self.activation not in ('gelu', 'gelu_tanh'):
+            raise ValueError(f"activation must be 'gelu' or 'gelu_tanh', got {self.activation!r}")
         if self.embedding_mode not in ('standard', 'lora'):
             raise ValueError(f"embedding_mode must be 'standard' or 'lora', got {self.embedding_mode!r}")
         for name in ('attn_lora_rank', 'embedding_rank', 'mlp_lora_rank'):

@@ -39,7 +39,7 @@ eval_iters = 20
 eval_only = False # if True, script exits right after the first eval
 always_save_checkpoint = True # if True, always save a checkpoint after each eval
 save_optimizer = True # False: a deploy-only bundle (no optimizer.pt)
-init_from = 'scratch' # 'scratch' or 'resume' (from out_dir)
+init_from = 'scratch' # 'scratch', 'resume' (from out_dir), or a path (a bundle, ckpt.pt, Hugging Face GPT-2 dir)
 resume_from = '' # a bundle directory or legacy checkpoint file to resume from (implies resuming)
 # wandb logging
 wandb_log = False # disabled by default
@@ -173,6 +173,8 @@ model_args = {k: config[k] for k in ('n_layer', 'n_head', 'n_embd', 'n_hidden', 
               'embedding_mode', 'attn_lora_rank', 'embedding_rank', 'mlp_lora_rank', 'lora_alpha', 'lora_dropout',
               'lora_train_norms_biases')}
 resume_path = resume_from or (out_dir if init_from == 'resume' or (model_name and find_checkpoint(out_dir)) else '')
+if init_from not in ('scratch', 'resume'):
+    resume_path = init_from # a path: any bundle, legacy file or Hugging Face GPT-2 directory
 ckpt = None
 if not resume_path:
     print("Initializing a new model from scratch")

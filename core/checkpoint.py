@@ -29,6 +29,7 @@ from model import (GPT, GPTConfig, BASE_FIELDS, CheckpointMismatchError, is_lora
                    load_universal_state_dict, standard_key, standardize_state_dict)
 from core.commit import (CheckpointError, DamagedError, atomic_write, check_sizes, commit_directory,
                          interrupted_save, verify_file, write_json)
+from core.interop import is_hf_dir, read_hf
 from core.tokenizer import char_spec, load_tokenizer, spec_vocab_size
 
 FORMAT_VERSION = 1
@@ -324,6 +325,8 @@ def find_checkpoint(path, legacy_file=None):
         target = path / legacy_file if path.is_dir() else Path(legacy_file)
         return ('legacy', target) if target.is_file() else None
     if path.is_dir():
+        if is_hf_dir(path):
+            return 'hf', path
         if any((path / name).exists() for name in (CONFIG_FILE, MODEL_FILE, 'manifest.json')):
             return 'bundle', path
         for name in LEGACY_NAMES:
@@ -344,6 +347,10 @@ def read_checkpoint(path, legacy_file=None, meta_path=None):
     kind, found_path = found
     if kind == 'legacy':
         return read_legacy(found_path, meta_path)
+    if kind == 'hf':
+        fields, weights = read_hf(found_path)
+        gpt2 = {'token_kind': 'gpt2'} if fields['vocab_size'] in (50257, 50304) else None
+        return Checkpoint(found_path, 'hf', config_from_dict(fields, found_path), gpt2, 0, None, {}, weights=weights)
     ck = read_bundle(found_path)
     if Path(found_path) != Path(path):
         ck.notes.append(f'the last save to {path} was interrupted; read the complete checkpoint it left in {found_path}')

@@ -1,0 +1,134 @@
+"""
+Other tools' formats: a Hugging Face GPT-2 directory (config.json + model.safetensors, what
+transformers.GPT2LMHeadModel.from_pretrained reads) both ways, and the public nanoGPT's ckpt.pt as an export
+(reading nanoGPT's files is core/checkpoint.py's read_legacy).
+
+GPT-2's Hugging Face weights come from Conv1D layers, which store the transpose of an nn.Linear weight: that,
+the attention mask buffers and the tied head are the whole difference in keys.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from core.commit import CheckpointError, commit_directory, write_json
+
+CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+HF_BUFFERS = ('.attn.bias', '.attn.masked_bias') # causal masks older transformers saved; not weights
+NANOGPT_ARGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
+GPT2_EOT = 50256
+
+
+def is_hf_dir(path):
+    path = Path(path)
+    if not (path / 'config.json').is_file():
+        return False
+    try:
+        return 'model_type' in json.loads((path / 'config.json').read_text())
+    except ValueError:
+        return False # not JSON: the bundle reader names the problem
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face GPT-2
+
+def hf_incompatibility(config):
+    """ why a GPTConfig cannot be a transformers GPT-2, or None """
+    if not config.bias:
+        return "it has no biases (bias=False), and GPT-2's linear layers and LayerNorms always have them"
+    if config.n_hidden != 4 * config.n_embd:
+        return f"its MLP width is {config.n_hidden}, and GPT-2's is 4 x n_embd = {4 * config.n_embd}"
+    return None
+
+
+def hf_config(config):
+    eot = GPT2_EOT if config.vocab_size > GPT2_EOT else None
+    return {'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2', 'vocab_size': config.vocab_size,
+            'n_positions': config.block_size, 'n_ctx': config.block_size, 'n_embd': config.n_embd,
+            'n_layer': config.n_layer, 'n_head': config.n_head, 'n_inner': None,
+            'activation_function': 'gelu_new' if config.activation == 'gelu_tanh' else 'gelu',
+            'resid_pdrop': config.dropout, 'embd_pdrop': config.dropout, 'attn_pdrop': config.dropout,
+            'layer_norm_epsilon': 1e-5, 'initializer_range': 0.02, 'tie_word_embeddings': True,
+            'bos_token_id': eot, 'eos_token_id': eot}
+
+
+def export_hf(model, out_dir):
+    """ config.json + model.safetensors of the merged weights; the tied head is left to transformers to tie """
+    reason = hf_incompatibility(model.config)
+    if reason:
+        raise CheckpointError(f'cannot export to the Hugging Face GPT-2 format: {reason}')
+    weights = {k: (v.t() if k.endswith(CONV1D) else v).contiguous()
+               for k, v in model.get_merged_state_dict().items() if k != 'lm_head.weight'}
+    def write(directory):
+        save_file(weights, os.path.join(directory, 'model.safetensors'), metadata={'format': 'pt'})
+        write_json(os.path.join(directory, 'config.json'), hf_config(model.config))
+    commit_directory(out_dir, write, replaces=('model.safetensors', 'config.json'))
+    return out_dir
+
+
+def read_hf(path):
+    """ (GPTConfig fields, standard nanoGPT state dict) of a local Hugging Face GPT-2 directory """
+    from core.checkpoint import load_tensors # the one guarded torch.load
+    path = Path(path)
+    cfg = json.loads((path / 'config.json').read_text())
+    if cfg.get('model_type') != 'gpt2':
+        raise CheckpointError(f"{path}/config.json is a {cfg.get('model_type')!r} model; only GPT-2 directories can be read")
+    activation = {'gelu': 'gelu', 'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh'}.get(cfg.get('activation_function', 'gelu_new'))
+    if activation is None:
+        raise CheckpointError(f"{path}/config.json: activation {cfg.get('activation_function')!r} is not a GELU")
+    if (path / 'model.safetensors').is_file():
+        sd = load_file(path / 'model.safetensors') # safetensors holds tensors only: nothing to unpickle
+    elif (path / 'pytorch_model.bin').is_file():
+        sd = load_tensors(path / 'pytorch_model.bin')
+    else:
+        raise CheckpointError(f'{path} has a GPT-2 config.json but no model.safetensors or pytorch_model.bin')
+    sd = {k if k.startswith(('transformer.', 'lm_head.')) else f'transformer.{k}': v for k, v in sd.items()
+          if not k.endswith(HF_BUFFERS)}
+    sd = {k: (v.t() if k.endswith(CONV1D) else v) for k, v in sd.items()}
+    sd.setdefault('lm_head.weight', sd['transformer.wte.weight']) # tied
+    n_inner = cfg.get('n_inner') or 4 * cfg['n_embd']
+    fields = dict(vocab_size=cfg['vocab_size'], block_size=cfg['n_positions'], n_embd=cfg['n_embd'],
+                  n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_hidden=n_inner, bias=True, activation=activation,
+                  dropout=float(cfg.get('resid_pdrop', 0.0)))
+    return fields, sd
+
+
+# -----------------------------------------------------------------------------
+# the public nanoGPT's ckpt.pt
+
+def export_nanogpt(model, path, step=0, best_val_loss=None, named_optimizer=None, weight_decay=0.1,
+                   learning_rate=6e-4, betas=(0.9, 0.95), run_config=None):
+    """
+    A ckpt.pt that nanoGPT's sample.py and train.py --init_from=resume read unchanged: its seven model_args,
+    the merged weights, and an AdamW state positioned the way its configure_optimizers orders parameters
+    (empty moments when the checkpoint had none). Plain tensors, numbers, strings only.
+    """
+    from core.commit import atomic_write
+    config = model.config
+    extra = [f for f in ('n_hidden', 'activation') if getattr(config, f) != {'n_hidden': 4 * config.n_embd,
+                                                                              'activation': 'gelu'}[f]]
+    if extra:
+        raise CheckpointError(f'cannot export to nanoGPT: its GPT has no {", ".join(extra)} setting (this model has '
+                              + ', '.join(f'{f}={getattr(config, f)}' for f in extra) + ')')
+    standard = type(model).on_meta(type(config)(**{f: getattr(config, f) for f in NANOGPT_ARGS}))
+    groups, state, position = [], {}, 0
+    for params, decay in zip(standard.optimizer_groups(), (weight_decay, 0.0)):
+        names = [n for n, _ in params]
+        for i, name in enumerate(names):
+            moments = (named_optimizer or {}).get('state', {}).get(name)
+            if moments is not None:
+                state[position + i] = moments
+        groups.append({'lr': learning_rate, 'betas': betas, 'eps': 1e-8, 'weight_decay': decay, 'amsgrad': False,
+                       'foreach': None, 'maximize': False, 'capturable': False, 'differentiable': False,
+                       'fused': None, 'params': list(range(position, position + len(names)))})
+        position += len(names)
+    checkpoint = {'model': model.get_merged_state_dict(), 'optimizer': {'state': state, 'param_groups': groups},
+                  'model_args': {f: getattr(config, f) for f in NANOGPT_ARGS}, 'iter_num': int(step),
+                  'best_val_loss': float(best_val_loss) if best_val_loss is not None else 1e9,
+                  'config': {k: v for k, v in (run_config or {}).items() if isinstance(v, (int, float, str, bool))}}
+    # torch's zip CRC stays on here (unlike our bundles): the readers may run an older torch that checks it
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+    return path
