@@ -222,7 +222,9 @@ if ckpt is not None:
     print(f"optimizer: state carried over for {kept} parameter tensors, fresh for {fresh}")
     if 'scaler' in ckpt.training_state and scaler.is_enabled():
         scaler.load_state_dict(ckpt.training_state['scaler'])
-    if 'rng' in ckpt.training_state:
+    if ddp: # the checkpoint holds rank 0's random state: each rank needs a stream of its own
+        torch.manual_seed(seed + seed_offset + iter_num)
+    elif 'rng' in ckpt.training_state:
         set_rng_state(ckpt.training_state['rng']) # draw the same batches the interrupted run would have
 
 # compile the model
@@ -299,5 +301,7 @@ while True:
     iter_num += 1
     local_iter_num += 1
 
+if wandb_log and master_process:
+    wandb.finish() # writes the run's summary (and, offline, its files) now
 if ddp:
     destroy_process_group()

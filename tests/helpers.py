@@ -100,3 +100,33 @@ def fill_with_step(model, optimizer, step):
         for s in optimizer.state.values():
             s['exp_avg'].fill_(step)
             s['exp_avg_sq'].fill_(step)
+
+
+def wandb_offline_run(wandb_dir):
+    """
+    (history rows, summary) of the one offline run under wandb_dir, read from its run-*.wandb file: a LevelDB-style
+    log (7-byte header, 32 KiB blocks, records of crc/length/type + data) of wandb's protobuf Records.
+    """
+    import json as _json
+    import struct
+    from wandb.proto import wandb_internal_pb2
+    runs = list(Path(wandb_dir).glob('wandb/offline-run-*/run-*.wandb'))
+    assert len(runs) == 1, runs
+    data, pos, chunk, history, summary = runs[0].read_bytes(), 7, b'', [], {}
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7: # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack('<IHB', data[pos:pos + 7])
+        chunk, pos = chunk + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind not in (1, 4): # 1 full, 4 last piece of a record; 2, 3 first and middle pieces
+            continue
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(chunk)
+        chunk = b''
+        items = {'history': lambda: record.history.item, 'summary': lambda: record.summary.update}
+        kind_name = record.WhichOneof('record_type')
+        if kind_name in items:
+            values = {i.key or '/'.join(i.nested_key): _json.loads(i.value_json) for i in items[kind_name]()}
+            history.append(values) if kind_name == 'history' else summary.update(values)
+    return history, summary
