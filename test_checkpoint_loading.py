@@ -9,12 +9,10 @@ generated checkpoints of both layouts.
 """
 
 import argparse
-import math
 import sys
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from model import GPTBatched, GPTFlexAttention, CheckpointMismatchError
 from load_checkpoint_helper import (ModdedCheckpointError, inspect_checkpoint, load_pretrained_checkpoint,
@@ -108,7 +106,7 @@ def reference_features(sd, arch, num_heads, idx):
     s = f('scalars')
     x = x0 = norm(f('embed.weight')[idx])
     ves = [f(f'value_embeds.{j}.weight')[idx] for j in range(3)]
-    T, D = idx.shape[1], x.shape[-1]
+    T = idx.shape[1]
     out = []
     for i in range(L):
         if arch == 'small' and i >= L // 2:

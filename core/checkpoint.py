@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-from model import (GPT, GPTConfig, BASE_FIELDS, CheckpointMismatchError, is_lora_factor,
-                   load_universal_state_dict, standard_key, standardize_state_dict)
+from model import GPT, GPTConfig, is_lora_factor, load_universal_state_dict, standard_key, standardize_state_dict
 from core.commit import (CheckpointError, DamagedError, atomic_write, check_sizes, commit_directory,
                          interrupted_save, verify_file, write_json)
 from core.interop import is_hf_dir, read_hf

@@ -18,7 +18,7 @@ from load_checkpoint_helper import make_random_checkpoint
 from model import GPTBatched
 from tests.helpers import run_script
 from tests.xnli_fixture import (LABELS, XNLI_COLUMNS, make_examples, make_xnli_data, round_up, sentence,
-                                train_tokenizer, write_xnli_tsv)
+                                train_tokenizer)
 
 SCRIPT = 'finetune_hindi_xnli.py'
 TINY = dict(num_layers=8, num_heads=2, model_dim=64, head_dim=32)  # layer 7 has no attention, as in every layout

@@ -3,8 +3,6 @@ Hugging Face GPT-2 directories both ways, compared with transformers' own GPT2LM
 export, checked the way nanoGPT's train.py resumes it. Tolerance: 1e-4 on fp32 logits.
 """
 
-import json
-
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +25,7 @@ from core.checkpoint import CheckpointError, read_checkpoint, read_meta_pkl, sav
 from core.commit import MANIFEST_FILE, SAVING, PREVIOUS, file_checksum, verify_file
 import core.checkpoint
 import core.commit
-from load_checkpoint_helper import load_pretrained_checkpoint, make_random_checkpoint
+from load_checkpoint_helper import load_pretrained_checkpoint
 from tests.helpers import REPO, fill_with_step, make_nanogpt_checkpoint, run_script, run_train
 
 TINY = dict(block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=16)

@@ -8,8 +8,6 @@ import os
 import subprocess
 import sys
 
-import torch
-
 from core.checkpoint import read_checkpoint
 from tests.helpers import REPO, TINY_CONFIG, resume_check, run_train, wandb_offline_run
 
