@@ -29,8 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from load_checkpoint_helper import ModdedCheckpointError, load_pretrained_checkpoint
-from core.checkpoint import (CheckpointError, check_sizes, commit_directory, load_tensors, read_json, rng_state,
-                             save_tensors, set_rng_state, verify_file, write_json)
+from core.checkpoint import (JSON_FILES, CheckpointError, check_sizes, commit_directory, load_verified, read_json,
+                             rng_state, save_tensors, set_rng_state, write_json)
 from core.commit import recover
 from core.tokenizer import TokenizerError, hf_spec_from_file, load_tokenizer
 
@@ -312,9 +312,7 @@ def save_bundle(path, model, config, tokenizer_spec, state, optimizer=None):
 
 
 def read_bundle_tensors(path, name):
-    # sizes and checksums against the bundle's manifest first: a damaged file is named, never unpickled
-    verify_file(path, name, check_sizes(path, editable=('config.json', 'tokenizer.json', 'training_state.json')))
-    return load_tensors(os.path.join(path, name))
+    return load_verified(path, name, check_sizes(path, editable=JSON_FILES)) # sizes, then checksum, then load
 
 
 def load_bundle(path, device='cpu'):

@@ -120,8 +120,7 @@ def load_pretrained_checkpoint(path, device='cpu', num_heads=None, max_seq_len=1
     if info['head_dim'] is None or info['head_dim'] * info['num_heads'] != info['model_dim'] or info['head_dim'] % 4:
         raise ModdedCheckpointError(f"{path}: {info['num_heads']} heads do not fit: the attention width is {info['hdim']} "
                                     f"and the model dim {info['model_dim']}; heads x head_dim must equal both")
-    _, sd = read_state_dict(path)
-    sd = fine_tuning_state_dict(path, info, sd)
+    sd = fine_tuning_state_dict(path, info, strip_wrapper_prefixes(checkpoint['model'])) # the file, read once
     arch = 'small' if info['layout'] == 'small' else 'medium'
     with meta_device(): # no memory, no random init of weights about to be replaced
         model = GPTBatched(info['vocab_size'], info['num_layers'], info['num_heads'], info['model_dim'], max_seq_len,

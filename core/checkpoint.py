@@ -94,6 +94,13 @@ def load_tensors(path, map_location='cpu', mmap=False):
                               f'{type(e).__name__}: {e}') from None
 
 
+def load_verified(directory, name, manifest):
+    """ a tensor file of a committed directory: its checksum first (a damaged file is named, never unpickled),
+    then mapped (read by the page, when touched; the pages the checksum read are still cached) """
+    verify_file(directory, name, manifest)
+    return load_tensors(os.path.join(directory, name), mmap=True)
+
+
 def b64(tensor):
     return base64.b64encode(tensor.cpu().numpy().tobytes()).decode()
 
@@ -277,8 +284,7 @@ class Checkpoint:
         return os.path.join(self.path, name)
 
     def load_file(self, name):
-        verify_file(self.path, name, self.manifest) # the checksum first: a damaged file is named, not unpickled
-        return load_tensors(self.file(name), mmap=True) # read by the page, when touched; the pages stay cached
+        return load_verified(self.path, name, self.manifest)
 
     def weights(self):
         if self._weights is None:
