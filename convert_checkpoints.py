@@ -1,12 +1,13 @@
 """
-Convert legacy single-file checkpoints (nanoGPT's ckpt.pt, older latest.pt / final.pt) into bundles.
+Convert legacy single-file checkpoints (nanoGPT's ckpt.pt, older latest.pt / final.pt) into bundles, and export
+any checkpoint to every kind core/checkpoint.py's KINDS can write (bundle, hf, nanogpt).
 The original file is never modified; the bundle is written beside it (or to --out), the optimizer state
 comes along (named by parameter), and each conversion is verified by comparing logits before and after.
 $ python convert_checkpoints.py                              # every model under checkpoints/
 $ python convert_checkpoints.py checkpoints/dante/final.pt out/ckpt.pt
 $ python convert_checkpoints.py out/ckpt.pt --out bundles/shakespeare
 $ python convert_checkpoints.py out-deploy --to hf hf-model         # transformers' GPT2LMHeadModel reads it
-$ python convert_checkpoints.py out-deploy --to nanogpt ckpt.pt     # nanoGPT's sample.py / train.py read it
+$ python convert_checkpoints.py out-deploy --to nanogpt out/ckpt.pt # nanoGPT's sample.py / train.py read it
 """
 
 import argparse
@@ -14,8 +15,7 @@ import os
 
 import torch
 
-from core.checkpoint import LEGACY_NAMES, CheckpointError, find_checkpoint, read_checkpoint, save_bundle
-from core.interop import export_hf, export_nanogpt
+from core.checkpoint import KINDS, LEGACY_NAMES, WRITABLE, CheckpointError, find_checkpoint, read_checkpoint
 from core.cli import run
 
 TOLERANCE = 1e-5  # max |logits difference| allowed between the legacy file and its bundle (fp32)
@@ -37,19 +37,23 @@ def convert(source, out_dir=None, force=False, meta=None):
     if existing and existing[0] == 'bundle' and not force:
         raise CheckpointError(f'{out_dir} already holds a bundle; pass --force to replace it, or --out DIR')
     model, _ = ck.build_model()
-    save_bundle(out_dir, model, ck.step, ck.optimizer_state(), tokenizer=ck.tokenizer,
-                best_val_loss=ck.best_val_loss, run_config=ck.training_state.get('config'))
+    KINDS['bundle'].write(ck, model, out_dir)
     reloaded, _ = read_checkpoint(out_dir).build_model()
     diff = max_logit_difference(model.eval(), reloaded.eval(), ck.config.vocab_size, ck.config.block_size)
     if diff > TOLERANCE:
         raise CheckpointError(f'the bundle written to {out_dir} does not reproduce {ck.path}: logits differ by {diff:.2e}')
     print(f"{ck.path} -> {out_dir}: step {ck.step}, "
-          f"{'optimizer state kept' if ck.optimizer_state() else 'no optimizer state'}, "
+          f"{'optimizer state kept' if has_optimizer_state(ck) else 'no optimizer state'}, "
           f"tokenizer {ck.tokenizer['token_kind'] if ck.tokenizer else 'unknown'}, "
           f"max |logits difference| {diff:.1e}; original kept")
     for note in ck.notes:
         print(f'  note: {note}')
     return out_dir
+
+
+def has_optimizer_state(ck):
+    state = ck.optimizer_state()
+    return bool(state and state.get('state'))
 
 
 def legacy_sources(root):
@@ -62,28 +66,35 @@ def legacy_sources(root):
     return sources
 
 
-def export(source, fmt, out, meta=None):
-    """ any checkpoint -> a Hugging Face GPT-2 directory or a nanoGPT ckpt.pt, checked by reading it back """
+def export(source, fmt, out, meta=None, force=False):
+    """ any checkpoint -> any kind KINDS can write (a bundle, a Hugging Face GPT-2 directory, a nanoGPT ckpt.pt),
+    checked by reading it back """
     ck = read_checkpoint(source, meta_path=meta)
+    if find_checkpoint(out) and not force:
+        raise CheckpointError(f'{out} already holds a checkpoint; pass --force to replace it, or name another output')
     model, _ = ck.build_model()
-    if fmt == 'hf':
-        export_hf(model, out)
-    else:
-        export_nanogpt(model, out, ck.step, ck.best_val_loss, ck.optimizer_state(), run_config=ck.training_state.get('config'))
-    reread, _ = read_checkpoint(out).build_model()
-    diff = max_logit_difference(model.eval(), reread.eval(), ck.config.vocab_size, ck.config.block_size)
+    KINDS[fmt].write(ck, model, out)
+    reread = read_checkpoint(out)
+    diff = max_logit_difference(model.eval(), reread.build_model()[0].eval(), ck.config.vocab_size, ck.config.block_size)
     if diff > TOLERANCE:
         raise CheckpointError(f'the {fmt} export in {out} does not reproduce {ck.path}: logits differ by {diff:.2e}')
-    print(f'{ck.path} -> {out} ({fmt}): step {ck.step}, max |logits difference| read back {diff:.1e}')
+    print(f'{ck.path} -> {out} ({fmt}): step {ck.step}, '
+          f"{'optimizer state kept' if has_optimizer_state(reread) else 'no optimizer state'}, "
+          f'max |logits difference| read back {diff:.1e}')
+    if fmt == 'nanogpt' and ck.tokenizer and ck.tokenizer.get('token_kind') == 'char':
+        dataset = (ck.training_state.get('config') or {}).get('dataset', '<dataset>')
+        print(f'  vocabulary: {os.path.join(os.path.dirname(out) or ".", "meta.pkl")}; nanoGPT\'s sample.py reads it '
+              f'from data/{dataset}/meta.pkl in the nanoGPT checkout: copy it there')
 
 
 def main(args):
     if args.to:
         fmt, out = args.to
-        if fmt not in ('hf', 'nanogpt') or len(args.paths) != 1:
-            raise CheckpointError('--to takes hf or nanogpt and an output path, after exactly one source: '
-                                  'convert_checkpoints.py SOURCE --to hf OUT_DIR')
-        return export(args.paths[0], fmt, out, args.meta)
+        if fmt not in WRITABLE or len(args.paths) != 1:
+            raise CheckpointError(f'--to takes one of {", ".join(WRITABLE)} and an output path, after exactly one '
+                                  f'source: convert_checkpoints.py SOURCE --to hf OUT_DIR (got --to {fmt} {out} '
+                                  f'after {len(args.paths)} sources)')
+        return export(args.paths[0], fmt, out, args.meta, args.force)
     sources = args.paths or legacy_sources(args.root)
     if not sources:
         print(f'nothing to convert: no legacy checkpoints ({", ".join(LEGACY_NAMES)}) without a bundle under {args.root}')
@@ -101,7 +112,7 @@ if __name__ == '__main__':
     parser.add_argument('--out', help='where to write the bundle (default: beside the source)')
     parser.add_argument('--force', action='store_true', help='replace a bundle already in the output directory')
     parser.add_argument('--to', nargs=2, metavar=('FORMAT', 'OUT'),
-                        help='export instead: hf OUT_DIR (transformers GPT2LMHeadModel) or nanogpt FILE (its ckpt.pt)')
+                        help='export instead: bundle OUT_DIR, hf OUT_DIR (transformers GPT2LMHeadModel) or nanogpt FILE (its ckpt.pt)')
     parser.add_argument('--meta', help="the vocabulary, for files that don't store one (meta.json or nanoGPT meta.pkl)")
     parser.add_argument('--debug', action='store_true', help='show the full traceback on errors')
     run(main, parser.parse_args())

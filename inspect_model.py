@@ -3,16 +3,16 @@ Print what a checkpoint is, without loading its optimizer state (or, for a bundl
 $ python inspect_model.py --model_name dante
 $ python inspect_model.py --model_name dante --legacy_checkpoint final.pt
 $ python inspect_model.py --checkpoint out/ckpt.pt           # a public nanoGPT checkpoint
+Every kind in core/checkpoint.py's KINDS is read: bundles, legacy files, Hugging Face GPT-2 directories, and the
+classifiers finetune_hindi_xnli.py writes.
 """
 
 import argparse
 import os
 
-from core.checkpoint import ADAPTER_FIELDS
+from model import ADAPTER_FIELDS, ADAPTER_RANKS, GPTConfig
+from core.checkpoint import CheckpointError
 from core.cli import add_checkpoint_args, open_checkpoint, run
-
-FORMAT_NAMES = {'bundle': 'New JSON-based format', 'nanogpt': 'Legacy single file (nanoGPT ckpt.pt)',
-                'legacy': 'Legacy single file'}
 
 
 def size(path):
@@ -35,25 +35,64 @@ def describe_tokenizer(spec):
 
 
 def describe_adapters(adapter):
-    ranks = [f"{name} r{adapter[key]}" for name, key in (('attention', 'attn_lora_rank'), ('mlp', 'mlp_lora_rank'))
-             if adapter.get(key)]
-    if adapter.get('embedding_mode') == 'lora' and adapter.get('embedding_rank'):
-        ranks.append(f"embedding r{adapter['embedding_rank']}")
-    return f"LoRA {', '.join(ranks)}, alpha {adapter.get('lora_alpha')}" if ranks else 'none (standard)'
+    try:
+        config = GPTConfig(**{k: v for k, v in adapter.items() if k in ADAPTER_FIELDS})
+    except (TypeError, ValueError) as e: # training_state.json can be edited by hand
+        return f'unreadable adapter settings in training_state.json ({e})'
+    ranks = [f'{name} r{getattr(config, key)}' for name, key in ADAPTER_RANKS if getattr(config, key)]
+    return f"LoRA {', '.join(ranks)}, alpha {config.lora_alpha}" if ranks else 'none (standard)'
+
+
+def describe_optimizer(ck):
+    if ck.kind == 'bundle':
+        name = ck.training_state.get('optimizer_file')
+        return f'{name} (keyed by parameter name)' if name else 'none (deploy-only save)'
+    if ck.kind == 'hf':
+        return 'none (a Hugging Face directory holds weights only)'
+    state = ck.optimizer_state()
+    return f"present for {len(state['state'])} parameter tensors, named by nanoGPT order" if state else 'none usable'
+
+
+def list_files(path):
+    files = sorted(f for f in os.listdir(path) if not f.startswith('.') and os.path.isfile(os.path.join(path, f)))
+    return 'Files: ' + ', '.join(f'{f} ({size(os.path.join(path, f))})' for f in files)
+
+
+def describe_classifier(ck):
+    """ finetune_hindi_xnli.py's bundle: its own config (a modded-nanogpt backbone and a classification head) """
+    config = ck.details
+    print(', '.join(f'{k}:{v}' for k, v in config.items() if not isinstance(v, (dict, list)) and k != 'format_version'))
+    if config.get('labels'):
+        print(f"labels: {', '.join(map(str, config['labels']))}")
+    if isinstance(config.get('pretrained'), dict):
+        print('pretrained: ' + ', '.join(f'{k}:{v}' for k, v in config['pretrained'].items()))
+    print()
+    print('=== TOKENIZER ===')
+    print('\n'.join(describe_tokenizer(ck.tokenizer)))
+    print()
+    print('=== TRAINING STATE ===')
+    print(f'Last recorded training step: {ck.step}')
+    metrics = ck.training_state.get('metrics') or {}
+    shown = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    if shown:
+        print('Validation: ' + ', '.join(f'{k} {v:.4f}' for k, v in shown.items()))
+    print(f"Optimizer state: {'optimizer.pt' if os.path.exists(ck.file('optimizer.pt')) else 'none'}")
 
 
 def main(args):
     ck = open_checkpoint(args)
     print('=== FORMAT ===')
-    print(FORMAT_NAMES[ck.kind])
+    print(ck.title)
     print(f'Location: {ck.path}')
-    if ck.kind == 'bundle':
-        files = sorted(f for f in os.listdir(ck.path) if not f.startswith('.') and os.path.isfile(os.path.join(ck.path, f)))
-        print('Files: ' + ', '.join(f'{f} ({size(os.path.join(ck.path, f))})' for f in files))
-    else:
-        print(f'Size: {size(ck.path)}')
+    print(list_files(ck.path) if os.path.isdir(ck.path) else f'Size: {size(ck.path)}')
     print()
     print('=== CONFIG ===')
+    if ck.config is None:
+        return describe_classifier(ck)
+    try:
+        ck.weights() # the config is checked against the weights' own shapes: what is printed is what they are
+    except CheckpointError as e:
+        ck.notes.append(f'the config above was not confirmed by the weights: {e}')
     config = {k: v for k, v in vars(ck.config).items() if k not in ADAPTER_FIELDS}
     print(', '.join(f'{k}:{v}' for k, v in config.items()))
     run_config = ck.training_state.get('config') or {}
@@ -70,13 +109,9 @@ def main(args):
         if ck.training_state.get(key) is not None:
             print(f'{label}: {ck.training_state[key]:.4f}')
     print(f"Trained with adapters: {describe_adapters(ck.training_state.get('adapter') or {})}")
-    if ck.kind == 'bundle':
-        name = ck.training_state.get('optimizer_file')
-        print(f'Optimizer state: {name} (keyed by parameter name)' if name else 'Optimizer state: none (deploy-only save)')
-        if ck.training_state.get('adapter_file'):
-            print(f"Adapter factors: {ck.training_state['adapter_file']} (restored when resuming with the same adapters)")
-    else:
-        print(f"Optimizer state: {'present, named by nanoGPT order' if ck.optimizer_state() else 'none usable'}")
+    print(f'Optimizer state: {describe_optimizer(ck)}')
+    if ck.training_state.get('adapter_file'):
+        print(f"Adapter factors: {ck.training_state['adapter_file']} (restored when resuming with the same adapters)")
     for note in ck.notes:
         print(f'Note: {note}')
 

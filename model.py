@@ -166,8 +166,13 @@ class Block(nn.Module):
         return x
 
 
-# the fields that define the weights; the rest of GPTConfig is how adapters are laid over them
+# the fields that define the weights; the rest of GPTConfig is how adapters are laid over them (and dropout)
 BASE_FIELDS = ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'bias', 'n_hidden', 'activation')
+# the one list of adapter settings: train.py's options, the bundle's training_state, inspect's report derive from it
+ADAPTER_FIELDS = ('embedding_mode', 'attn_lora_rank', 'embedding_rank', 'mlp_lora_rank', 'lora_alpha',
+                  'lora_dropout', 'lora_train_norms_biases')
+# where each rank puts its adapters, for reports: (what it adapts, the rank's field)
+ADAPTER_RANKS = (('attention', 'attn_lora_rank'), ('mlp', 'mlp_lora_rank'), ('embedding', 'embedding_lora_rank'))
 
 @dataclass
 class GPTConfig:
@@ -315,10 +320,12 @@ class GPT(nn.Module):
         return logits, loss
 
     def crop_block_size(self, block_size):
-        # model surgery to decrease the block size if necessary
-        assert block_size <= self.config.block_size
+        # model surgery to decrease the block size if necessary (the first block_size position embeddings stay)
+        if block_size > self.config.block_size:
+            raise ValueError(f'cannot crop block_size {self.config.block_size} up to {block_size}')
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        wpe = self.transformer.wpe.weight
+        self.transformer.wpe.weight = nn.Parameter(wpe[:block_size].clone(), requires_grad=wpe.requires_grad)
 
     def get_merged_state_dict(self):
         """

@@ -20,10 +20,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.distributed import init_process_group, destroy_process_group
 
-from model import GPTConfig, GPT, BASE_FIELDS, CheckpointMismatchError
+from model import GPTConfig, GPT, ADAPTER_FIELDS, BASE_FIELDS, CheckpointMismatchError
 from configurator import apply_config, ConfigError
 from core.checkpoint import (CheckpointError, read_checkpoint, find_checkpoint, describe_load,
                              apply_optimizer_state, set_rng_state, rng_state)
+from core.commit import is_plain_name
 from core.tokenizer import TokenizerError
 from core.training import get_lr, set_lr, train_step, estimate_loss, save_checkpoint
 from data.prepare import DatasetError, load_meta, prepare
@@ -102,6 +103,27 @@ def fail(error):
         traceback.print_exc()
     sys.exit(f"error: {error}")
 
+# values no run can use: one clear error before any work, never an assert or a crash deep inside torch
+CHOICES = {'dtype': ('float32', 'bfloat16', 'float16'), 'embedding_mode': ('standard', 'lora')}
+AT_LEAST_ONE = ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'eval_interval', 'eval_iters',
+                'log_interval', 'gradient_accumulation_steps')
+AT_LEAST_ZERO = ('max_iters', 'warmup_iters', 'lr_decay_iters', 'n_hidden', 'attn_lora_rank', 'mlp_lora_rank',
+                 'embedding_rank', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip')
+FRACTIONS = ('dropout', 'lora_dropout', 'beta1', 'beta2') # in [0, 1)
+for k in AT_LEAST_ONE + AT_LEAST_ZERO + FRACTIONS + tuple(CHOICES):
+    bound, v = (1 if k in AT_LEAST_ONE else 0), config[k]
+    wrong = (v not in CHOICES[k]) if k in CHOICES else (not 0 <= v < 1) if k in FRACTIONS else v < bound
+    if wrong:
+        expected = (f'one of {", ".join(CHOICES[k])}' if k in CHOICES else 'at least 0 and below 1' if k in FRACTIONS
+                    else f'at least {bound}')
+        fail(f'{k} = {v!r} cannot be used: it must be {expected}')
+if config['n_embd'] % config['n_head']:
+    fail(f"n_embd = {n_embd} is not divisible by n_head = {n_head}: each head gets n_embd / n_head dimensions")
+if not is_plain_name(dataset):
+    fail(f'dataset = {dataset!r} is not a dataset name: it names a folder in data/ (e.g. pydocs_char), not a path')
+if device.startswith('cuda') and not torch.cuda.is_available():
+    fail(f'device = {device!r}, but this machine has no CUDA GPU that torch can use; pass --device=cpu')
+
 if model_name:
     out_dir = config['out_dir'] = os.path.join('checkpoints', model_name) # seed 003's layout
 
@@ -117,18 +139,20 @@ if ddp:
         torch.cuda.set_device(device)
     master_process = ddp_rank == 0 # this process will do logging, checkpointing etc.
     seed_offset = ddp_rank # each process gets a different seed
-    # world_size number of processes will be training simultaneously, so we can scale
-    # down the desired gradient accumulation iterations per process proportionally
-    assert gradient_accumulation_steps % ddp_world_size == 0
-    gradient_accumulation_steps //= ddp_world_size
+    # world_size number of processes will be training simultaneously, so we can scale down the desired
+    # gradient accumulation iterations per process proportionally (the config's tokens per step stay)...
+    if gradient_accumulation_steps % ddp_world_size == 0:
+        gradient_accumulation_steps //= ddp_world_size
+    elif master_process: # ...and where they do not divide, each process runs the config's own accumulation
+        print(f"note: gradient_accumulation_steps = {gradient_accumulation_steps} does not divide among "
+              f"{ddp_world_size} processes, so each process runs {gradient_accumulation_steps} micro-steps: a step "
+              f"trains on {ddp_world_size}x the config's tokens (for the config's tokens per step, pass a multiple "
+              f"of {ddp_world_size}, e.g. --gradient_accumulation_steps={ddp_world_size})")
 else:
     # if not ddp, we are running on a single gpu, and one process
     master_process = True
     seed_offset = 0
     ddp_world_size = 1
-tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
-print(f"tokens per iteration will be: {tokens_per_iter:,}")
-
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed + seed_offset)
@@ -146,6 +170,8 @@ if not os.path.isdir(data_dir):
 try:
     if not os.path.exists(os.path.join(data_dir, 'train.bin')) and master_process:
         prepare(dataset, out_dir=data_dir)
+    if ddp:
+        torch.distributed.barrier() # the other ranks read what rank 0 prepared
     meta = load_meta(data_dir)
 except (DatasetError, TokenizerError) as e:
     fail(e)
@@ -169,9 +195,7 @@ iter_num = 0
 best_val_loss = 1e9
 
 # model init: base architecture from the config, or from the checkpoint on resume; adapters from the config
-model_args = {k: config[k] for k in ('n_layer', 'n_head', 'n_embd', 'n_hidden', 'block_size', 'bias', 'dropout',
-              'embedding_mode', 'attn_lora_rank', 'embedding_rank', 'mlp_lora_rank', 'lora_alpha', 'lora_dropout',
-              'lora_train_norms_biases')}
+model_args = {k: config[k] for k in BASE_FIELDS + ADAPTER_FIELDS + ('dropout',) if k in config}
 resume_path = resume_from or (out_dir if init_from == 'resume' or (model_name and find_checkpoint(out_dir)) else '')
 if init_from not in ('scratch', 'resume'):
     resume_path = init_from # a path: any bundle, legacy file or Hugging Face GPT-2 directory
@@ -180,7 +204,10 @@ if not resume_path:
     print("Initializing a new model from scratch")
     # nanoGPT pads GPT-2's 50257 up to 50304 (a multiple of 64) for speed; a char vocabulary is used as is
     model_args['vocab_size'] = 50304 if meta['tokenizer']['token_kind'] == 'gpt2' else meta['vocab_size']
-    model = GPT(GPTConfig(**model_args))
+    try:
+        model = GPT(GPTConfig(**model_args))
+    except ValueError as e:
+        fail(e)
     model.tokenizer_spec = meta['tokenizer']
 else:
     # --- smart resume: the checkpoint decides the base, this config the adapters; the key mapping lives in
@@ -188,13 +215,14 @@ else:
     print(f"Resuming training from {resume_path}")
     try:
         ckpt = read_checkpoint(resume_path)
+        ckpt.weights() # a GPT whose config.json describes its weights, checked before anything is built
         if ckpt.tokenizer is not None and ckpt.tokenizer != meta['tokenizer']:
             raise CheckpointError(f"{resume_path} was trained with another tokenizer than {data_dir}/meta.json's "
                                   f"({ckpt.tokenizer.get('token_kind')} vs {meta['tokenizer'].get('token_kind')}, "
                                   f"vocab {ckpt.config.vocab_size} vs {meta['vocab_size']}): pick the dataset it was trained on")
         for k in BASE_FIELDS:
             ours, theirs = model_args.get(k), getattr(ckpt.config, k)
-            if k in model_args and ours != theirs and not (k == 'n_hidden' and ours == 0):
+            if k in model_args and ours != theirs and not (k == 'n_hidden' and ours == 0) and k != 'block_size':
                 print(f"note: {k} = {theirs} from the checkpoint is used (this config says {ours})")
             model_args[k] = theirs
         model = GPT.on_meta(GPTConfig(**model_args)) # built without memory or init: the checkpoint fills it
@@ -202,9 +230,26 @@ else:
     except (CheckpointError, CheckpointMismatchError) as e:
         fail(e)
     print(describe_load(ckpt, report))
+    # the block size: the checkpoint has position embeddings for ckpt.config.block_size positions
+    if block_size < ckpt.config.block_size:
+        print(f"note: block_size = {block_size} from this config: the checkpoint's {ckpt.config.block_size} position "
+              f"embeddings are cropped to the first {block_size} (nanoGPT's crop_block_size)")
+        model.crop_block_size(block_size)
+    elif block_size > ckpt.config.block_size:
+        print(f"note: block_size = {ckpt.config.block_size} from the checkpoint is used: it has position embeddings "
+              f"for {ckpt.config.block_size} positions only, so this config's {block_size} cannot be honoured; "
+              f"batches, evaluation and generation use {ckpt.config.block_size}")
+        block_size = config['block_size'] = ckpt.config.block_size
     model.tokenizer_spec = ckpt.tokenizer or meta['tokenizer']
     iter_num = ckpt.step
     best_val_loss = ckpt.best_val_loss if ckpt.best_val_loss is not None else 1e9
+tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
+print(f"tokens per iteration will be: {tokens_per_iter:,}")
+for split in ('train', 'val'): # every batch draws block_size + 1 tokens from the split
+    tokens = os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // 2
+    if tokens <= block_size:
+        fail(f'{data_dir}/{split}.bin has {tokens} tokens, but a batch needs block_size + 1 = {block_size + 1}: '
+             'use a smaller --block_size or more text')
 print("number of parameters: %.2fM (%.2fM trainable)" % (model.get_num_params(non_embedding=False)/1e6,
       sum(p.numel() for p in model.parameters() if p.requires_grad)/1e6))
 model.to(device)
@@ -266,8 +311,13 @@ while True:
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         stored = ckpt.training_state.get('val_loss') if ckpt is not None and local_iter_num == 0 else None
         if stored is not None:
+            # the stored loss came from the saving run's evaluation batches: it can only match the same batches
+            theirs = ckpt.training_state.get('config') or {}
+            differ = [f"{k} {theirs[k]} then, {config[k]} now" for k in ('dataset', 'batch_size', 'block_size', 'eval_iters')
+                      if k in theirs and theirs[k] != config[k]]
+            why = f"; not comparable, other evaluation batches: {', '.join(differ)}" if differ else ''
             print(f"resume check: val loss {losses['val']:.6f} now, {stored:.6f} stored in the checkpoint "
-                  f"(|diff| {abs(losses['val'] - stored):.1e})")
+                  f"(|diff| {abs(losses['val'] - stored):.1e}{why})")
         if wandb_log:
             wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr,
                        "mfu": running_mfu*100})

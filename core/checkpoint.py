@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-from model import GPT, GPTConfig, is_lora_factor, load_universal_state_dict, standard_key, standardize_state_dict
-from core.commit import (CheckpointError, DamagedError, atomic_write, check_sizes, commit_directory,
-                         interrupted_save, verify_file, write_json)
-from core.interop import is_hf_dir, read_hf
+from model import (ADAPTER_FIELDS, BASE_FIELDS, GPT, GPTConfig, is_lora_factor, load_universal_state_dict, standard_key,
+                   standardize_state_dict)
+from core.commit import (MANIFEST_FILE, CheckpointError, DamagedError, atomic_write, check_sizes, commit_directory,
+                         interrupted_save, is_plain_name, verify_file, write_json)
+from core.interop import export_hf, export_nanogpt, is_hf_dir, read_hf
 from core.tokenizer import char_spec, load_tokenizer, spec_vocab_size
 
 FORMAT_VERSION = 1
@@ -37,8 +38,6 @@ STATE_FILE, OPTIMIZER_FILE, ADAPTER_FILE = 'training_state.json', 'optimizer.pt'
 BUNDLE_FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, STATE_FILE, OPTIMIZER_FILE, ADAPTER_FILE)
 JSON_FILES = (CONFIG_FILE, TOKENIZER_FILE, STATE_FILE) # readable and editable by hand
 LEGACY_NAMES = ('latest.pt', 'final.pt', 'ckpt.pt')  # looked for, in this order, in a directory with no bundle
-ADAPTER_FIELDS = ('embedding_mode', 'attn_lora_rank', 'embedding_rank', 'mlp_lora_rank', 'lora_alpha',
-                  'lora_dropout', 'lora_train_norms_biases')
 STANDARD = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name in ADAPTER_FIELDS}
 
 
@@ -156,8 +155,10 @@ def config_from_dict(data, source):
         raise CheckpointError(f'{source}: {e}') from None
 
 
-def infer_base_config(state_dict):
+def infer_base_config(state_dict, source='the checkpoint'):
     """ what the weights themselves say about the architecture (all but n_head, which no shape tells) """
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        raise CheckpointError(f'{source}: the weights are not a dict of tensors (found {type(state_dict).__name__})')
     sd = standardize_state_dict(state_dict, lora_alpha=1.0)  # the scale does not change shapes
     try:
         wte, wpe = sd['transformer.wte.weight'], sd['transformer.wpe.weight']
@@ -165,7 +166,7 @@ def infer_base_config(state_dict):
         return dict(vocab_size=wte.shape[0], n_embd=wte.shape[1], block_size=wpe.shape[0], n_layer=max(layers) + 1,
                     bias='transformer.ln_f.bias' in sd, n_hidden=sd['transformer.h.0.mlp.c_fc.weight'].shape[0])
     except (KeyError, ValueError, IndexError) as e:
-        raise CheckpointError(f'the weights are not a nanoGPT GPT state dict (no {e} key)') from None
+        raise CheckpointError(f'{source}: the weights are not a nanoGPT GPT state dict (no {e} key)') from None
 
 
 # -----------------------------------------------------------------------------
@@ -197,6 +198,8 @@ def positional_names(model, positional):
         return None
     params = [(standard_key(n), p) for g in groups for n, p in g]
     for i, s in positional['state'].items():
+        if not (isinstance(i, int) and 0 <= i < len(params)): # a position the file claims, checked before use
+            return None
         if 'exp_avg' in s and s['exp_avg'].shape != params[i][1].shape:
             return None
     return [n for n, _ in params]
@@ -274,22 +277,52 @@ class Checkpoint:
     """ what a checkpoint holds, read lazily: weights, optimizer and adapters load only when asked for """
 
     def __init__(self, path, kind, config, tokenizer, step, best_val_loss, training_state, notes=(),
-                 weights=None, optimizer=None, lora_alpha=None, manifest=None):
+                 weights=None, optimizer=None, lora_alpha=None, manifest=None, details=None):
         self.path, self.kind, self.config, self.tokenizer = str(path), kind, config, tokenizer
         self.step, self.best_val_loss, self.training_state = step, best_val_loss, training_state
         self.notes, self.lora_alpha, self.manifest = list(notes), lora_alpha, manifest
+        self.details = details # a checkpoint that is not a GPT: its own config.json, for reports
         self._weights, self._optimizer = weights, optimizer
+        self._checked = False
+
+    @property
+    def title(self):
+        return KINDS[self.kind].title
+
+    def require_gpt(self):
+        if not KINDS[self.kind].gpt:
+            raise CheckpointError(f'{self.path} is a {KINDS[self.kind].title}: it holds no GPT language model to '
+                                  'train, sample from or convert. inspect_model.py shows what it holds.')
 
     def file(self, name):
         return os.path.join(self.path, name)
 
     def load_file(self, name):
+        if not is_plain_name(name): # training_state.json names its files: they must stay inside the checkpoint
+            raise DamagedError(f'{self.file(STATE_FILE)} names {name!r} as one of its files, which is not a plain file '
+                               'name inside the checkpoint directory; the checkpoint is damaged')
         return load_verified(self.path, name, self.manifest)
 
     def weights(self):
+        """ the weights, checked against the config (a file's claims are checked before anything is built) """
+        self.require_gpt()
         if self._weights is None:
             self._weights = self.load_file(MODEL_FILE)
+        if not self._checked:
+            self.check_config_fits_weights()
+            self._checked = True
         return self._weights
+
+    def check_config_fits_weights(self):
+        # config.json (or a Hugging Face config) may have been edited by hand: a claimed n_layer of 200000 would
+        # build 200000 blocks before the load noticed. The weights' own shapes say what they are (mmap: cheap).
+        inferred = infer_base_config(self._weights, self.path)
+        wrong = [f'{k} {getattr(self.config, k)} (the weights have {v})' for k, v in inferred.items()
+                 if getattr(self.config, k) != v]
+        if wrong:
+            source = os.path.join(self.path, CONFIG_FILE) if os.path.isdir(self.path) else self.path
+            raise CheckpointError(f'{source} does not describe its weights: it says ' + ', '.join(wrong) +
+                                  '. Was it edited by hand? Restore the values the weights have; nothing was built.')
 
     def optimizer_state(self):
         """ the named optimizer state, or None when the checkpoint has none (or none we can name) """
@@ -314,6 +347,7 @@ class Checkpoint:
                                          adapters=adapters)
 
     def build_model(self, device='cpu', **adapter_settings):
+        self.weights() # checked against the config before anything is built
         if self.tokenizer is not None and spec_vocab_size(self.tokenizer) > self.config.vocab_size:
             raise CheckpointError(f'{self.path}: its tokenizer produces {spec_vocab_size(self.tokenizer)} ids but the model '
                                   f'has {self.config.vocab_size} embedding rows: tokenizer.json does not belong to these weights')
@@ -323,46 +357,42 @@ class Checkpoint:
         return model.to(device), report
 
 
-def find_checkpoint(path, legacy_file=None):
-    """ (kind, path) for a bundle directory, a directory holding a legacy file, or a file; None if nothing """
-    path = Path(path)
-    if legacy_file:
-        target = path / legacy_file if path.is_dir() else Path(legacy_file)
-        return ('legacy', target) if target.is_file() else None
-    if path.is_dir():
-        if is_hf_dir(path):
-            return 'hf', path
-        if any((path / name).exists() for name in (CONFIG_FILE, MODEL_FILE, 'manifest.json')):
-            return 'bundle', path
-        for name in LEGACY_NAMES:
-            if (path / name).is_file():
-                return 'legacy', path / name
-    elif path.is_file():
-        return 'legacy', path
-    recovered = interrupted_save(path) # a crash between the two renames of a commit
-    return ('bundle', recovered) if recovered else None
+def read_hf_checkpoint(path, meta_path=None):
+    fields, weights = read_hf(path)
+    gpt2 = {'token_kind': 'gpt2'} if fields['vocab_size'] in (50257, 50304) else None
+    return Checkpoint(path, 'hf', config_from_dict(fields, path), gpt2, 0, None, {}, weights=weights)
 
 
-def read_checkpoint(path, legacy_file=None, meta_path=None):
-    found = find_checkpoint(path, legacy_file)
-    if found is None:
-        what = f'{legacy_file} in {path}' if legacy_file else path
-        raise CheckpointError(f'no checkpoint at {what}: expected a bundle directory (config.json + model.pt), '
-                              f'a directory holding one of {", ".join(LEGACY_NAMES)}, or a checkpoint file')
-    kind, found_path = found
-    if kind == 'legacy':
-        return read_legacy(found_path, meta_path)
-    if kind == 'hf':
-        fields, weights = read_hf(found_path)
-        gpt2 = {'token_kind': 'gpt2'} if fields['vocab_size'] in (50257, 50304) else None
-        return Checkpoint(found_path, 'hf', config_from_dict(fields, found_path), gpt2, 0, None, {}, weights=weights)
-    ck = read_bundle(found_path)
-    if Path(found_path) != Path(path):
-        ck.notes.append(f'the last save to {path} was interrupted; read the complete checkpoint it left in {found_path}')
-    return ck
+def read_classifier(path, meta_path=None):
+    """ finetune_hindi_xnli.py's out_dir/best or last: the bundle's file names, but a classifier, not a GPT """
+    config = read_json(Path(path) / CONFIG_FILE)
+    state = read_json(Path(path) / STATE_FILE) if (Path(path) / STATE_FILE).exists() else {}
+    tokenizer = read_json(Path(path) / TOKENIZER_FILE) if (Path(path) / TOKENIZER_FILE).exists() else None
+    return Checkpoint(path, 'classifier', None, tokenizer, state.get('step', 0), None, state, details=config)
 
 
-def read_bundle(path):
+def config_kind(path):
+    """ the "kind" a directory's config.json declares (finetune_hindi_xnli.py writes one), or None """
+    try:
+        config = json.loads((Path(path) / CONFIG_FILE).read_text(encoding='utf-8'))
+        return config.get('kind') if isinstance(config, dict) else None
+    except (OSError, ValueError):
+        return None # absent or not JSON: the bundle reader names the problem
+
+
+def bundle_dir(path):
+    if any((path / name).exists() for name in (CONFIG_FILE, MODEL_FILE, MANIFEST_FILE)):
+        return path
+    return interrupted_save(path) # a crash between the two renames of a commit left the complete one beside
+
+
+def legacy_file(path):
+    if path.is_file():
+        return path
+    return next((path / name for name in LEGACY_NAMES if (path / name).is_file()), None) if path.is_dir() else None
+
+
+def read_bundle(path, meta_path=None):
     # every listed file there, at its size, else DamagedError naming the file; the JSON files may have been
     # edited by hand (seed 003 invites it for batch_size, device, dropout): they are validated as they are read
     manifest = check_sizes(path, editable=JSON_FILES)
@@ -396,7 +426,7 @@ def read_legacy(path, meta_path=None):
         raise CheckpointError(f'{path} has no weights: expected a "model" state dict (nanoGPT) among {sorted(ck)[:8]}')
     notes = []
     args = ck.get('model_args') or (ck['config'] if isinstance(ck.get('config'), dict) and 'n_layer' in ck['config'] else {})
-    inferred = infer_base_config(weights)
+    inferred = infer_base_config(weights, path)
     for k, v in inferred.items():
         if k in args and args[k] != v:
             notes.append(f'{k}: the file says {args[k]} but the weights have {v}; using {v}')
@@ -411,7 +441,9 @@ def read_legacy(path, meta_path=None):
     optimizer = None
     if isinstance(ck.get('optimizer'), dict) and ck['optimizer'].get('param_groups'):
         names = positional_names(GPT.on_meta(config), ck['optimizer'])
-        if names is None:
+        if not ck['optimizer'].get('state'): # param groups with no moments: an export of a deploy-only save
+            notes.append('the optimizer state is empty (no moments were saved); a resume starts it fresh')
+        elif names is None:
             notes.append("the optimizer state does not follow nanoGPT's parameter order; it will start fresh")
         else:
             optimizer = name_optimizer_state(ck['optimizer'], names)
@@ -450,9 +482,10 @@ def legacy_tokenizer(path, ck, run_config, vocab_size, meta_path, notes):
     if isinstance(ck.get('itos'), dict):
         return {'token_kind': 'char', 'chars': [ck['itos'][i] for i in range(len(ck['itos']))]}
     dataset = run_config.get('dataset')
+    dataset = dataset if is_plain_name(dataset) else None # a name from the file: never a path outside data/
     # nanoGPT's sample.py looks in data/<dataset>/ where it runs; also look beside the run (<root>/out/ckpt.pt)
     roots = (Path('data'), Path(path).resolve().parent.parent / 'data', Path(__file__).resolve().parents[1] / 'data')
-    candidates = [Path(meta_path)] if meta_path else [
+    candidates = [Path(meta_path)] if meta_path else [Path(path).parent / 'meta.pkl'] + [ # beside: our export's
         d / dataset / name for d in roots if dataset for name in ('meta.json', 'meta.pkl')]
     for p in candidates:
         if p.is_file():
@@ -465,6 +498,77 @@ def legacy_tokenizer(path, ck, run_config, vocab_size, meta_path, notes):
         return {'token_kind': 'gpt2'}
     notes.append(f'tokenizer: unknown (no vocabulary stored and no meta file for dataset {dataset!r}); pass --meta PATH')
     return None
+
+
+# -----------------------------------------------------------------------------
+# the kinds of checkpoint
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    title: str          # what inspect_model.py calls it
+    recognise: object   # Path -> the checkpoint's path, or None; None: named by content (read_legacy decides)
+    read: object        # (path, meta_path) -> Checkpoint
+    write: object       # (checkpoint, standard model, out path) -> None: convert_checkpoints.py --to NAME; None: no writer
+    gpt: bool = True    # False: not a GPT language model; inspected, and refused by train, generate and convert
+
+
+def write_bundle(ck, model, out):
+    save_bundle(out, model, ck.step, ck.optimizer_state(), tokenizer=ck.tokenizer, best_val_loss=ck.best_val_loss,
+                val_loss=ck.training_state.get('val_loss'), run_config=ck.training_state.get('config'))
+
+
+def write_hf(ck, model, out):
+    export_hf(model, out)
+
+
+def write_nanogpt(ck, model, out):
+    export_nanogpt(model, out, ck.step, ck.best_val_loss, ck.optimizer_state(), ck.tokenizer,
+                   run_config=ck.training_state.get('config'))
+
+
+# The one table of checkpoint kinds. Every tool finds, names, reads and writes checkpoints through it, so a kind
+# cannot exist in one tool and not another. Recognised in this order: the first row whose recognise() answers.
+KINDS = {
+    'hf': Kind('Hugging Face GPT-2 directory (transformers)', lambda p: p if p.is_dir() and is_hf_dir(p) else None,
+               read_hf_checkpoint, write_hf),
+    'classifier': Kind('Fine-tuned classifier (finetune_hindi_xnli.py), not a GPT language model',
+                       lambda p: p if p.is_dir() and config_kind(p) == 'nli_classifier' else None, read_classifier,
+                       None, gpt=False),
+    'bundle': Kind('New JSON-based format', bundle_dir, read_bundle, write_bundle),
+    'legacy': Kind('Legacy single file', legacy_file, read_legacy, None),
+    'nanogpt': Kind('Legacy single file (nanoGPT ckpt.pt)', None, None, write_nanogpt),
+}
+WRITABLE = tuple(name for name, kind in KINDS.items() if kind.write)
+
+
+def find_checkpoint(path, legacy_file=None):
+    """ (kind, path) of the checkpoint at path (a directory or a file), by KINDS; None if there is none """
+    path = Path(path)
+    if legacy_file:
+        target = path / legacy_file if path.is_dir() else Path(legacy_file)
+        return ('legacy', target) if target.is_file() else None
+    for name, kind in KINDS.items():
+        found = kind.recognise(path) if kind.recognise else None
+        if found is not None:
+            return name, found
+    return None
+
+
+def read_checkpoint(path, legacy_file=None, meta_path=None):
+    found = find_checkpoint(path, legacy_file)
+    if found is None:
+        what = f'{legacy_file} in {path}' if legacy_file else path
+        if Path(path).is_dir():
+            raise CheckpointError(f'no checkpoint in the directory {what}: expected a bundle (config.json + model.pt), '
+                                  f'a Hugging Face GPT-2 directory, or one of {", ".join(LEGACY_NAMES)}; found '
+                                  f'{", ".join(sorted(os.listdir(path))[:8]) or "nothing"}')
+        raise CheckpointError(f'no checkpoint at {what}: expected a bundle directory (config.json + model.pt), '
+                              f'a directory holding one of {", ".join(LEGACY_NAMES)}, or a checkpoint file')
+    kind, found_path = found
+    ck = KINDS[kind].read(found_path, meta_path)
+    if kind == 'bundle' and Path(found_path) != Path(path):
+        ck.notes.append(f'the last save to {path} was interrupted; read the complete checkpoint it left in {found_path}')
+    return ck
 
 
 # -----------------------------------------------------------------------------

@@ -119,10 +119,24 @@ def read_manifest(directory):
         return None
     try:
         manifest = json.loads(path.read_text(encoding='utf-8'))
-        assert isinstance(manifest.get('files'), dict)
-        return manifest
-    except (ValueError, AssertionError, UnicodeDecodeError, AttributeError) as e:
+        files = manifest['files'] if isinstance(manifest, dict) else None
+    except (ValueError, UnicodeDecodeError, KeyError) as e:
         raise DamagedError(f'{path} is damaged: expected a JSON object with "files", could not read it ({e})') from None
+    if not isinstance(files, dict):
+        raise DamagedError(f'{path} is damaged: expected a JSON object with a "files" object, found {type(files).__name__}')
+    for name, entry in files.items():
+        # names and sizes come from a file: a name must stay inside the directory, a size must be a size
+        if not is_plain_name(name):
+            raise DamagedError(f'{path} is damaged: it lists {name!r}, which is not a plain file name inside the '
+                               'checkpoint directory (it names a path); the checkpoint cannot be trusted')
+        if not (isinstance(entry, dict) and type(entry.get('size')) is int and entry['size'] >= 0):
+            raise DamagedError(f'{path} is damaged: the entry for {name!r} has no valid size (found {entry!r})')
+    return manifest
+
+
+def is_plain_name(name):
+    """ a file name that stays inside its directory: no separators, not '', '.' or '..' """
+    return (isinstance(name, str) and name not in ('', '.', '..') and not any(c in name for c in '/\\\0'))
 
 
 def check_sizes(directory, editable=()):

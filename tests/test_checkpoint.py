@@ -136,7 +136,7 @@ def test_pickled_objects_are_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_inspect_reads_no_optimizer_or_weights(tmp_path):
+def test_inspect_reads_no_optimizer_and_names_damaged_weights(tmp_path):
     model, optimizer, _ = trained_model()
     save_bundle(tmp_path / 'm', model, 2, optimizer, best_val_loss=1.25, val_loss=1.25)
     for name in ('optimizer.pt', 'model.pt'): # same-size garbage: passes the size check, would fail any read
@@ -147,6 +147,7 @@ def test_inspect_reads_no_optimizer_or_weights(tmp_path):
     assert '=== FORMAT ===\nNew JSON-based format' in out and 'n_layer:2, n_head:2, n_embd:16' in out
     assert f'vocab     : {len(CHARS)} characters' in out and 'Last recorded training step: 2' in out
     assert 'Best val loss: 1.2500' in out and 'Trained with adapters: none (standard)' in out
+    assert 'Note: the config above was not confirmed by the weights' in out and 'model.pt does not match its checksum' in out
     code, out = run_script('inspect_model.py', cwd=tmp_path, ok=False)
     assert code == 1 and 'exactly one of --model_name' in out and 'Traceback' not in out
 

@@ -1,0 +1,119 @@
+"""
+Paths a new user walked and the tests did not: each test reproduces one defect found that way (issue 11), and
+fails if it comes back. Tiny models; the tools run as subprocesses, as a user runs them.
+"""
+
+import json
+import pickle
+import time
+
+import torch
+
+from model import GPT, GPTConfig
+from core.checkpoint import KINDS, read_checkpoint, save_bundle
+from core.commit import DamagedError
+from tests.helpers import run_script
+
+CHARS = [chr(32 + i) for i in range(95)] + ['\n']
+
+
+def tiny(bias=True, **overrides):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**dict(block_size=32, vocab_size=96, n_layer=2, n_head=2, n_embd=32, bias=bias), **overrides}))
+    model.tokenizer_spec = {'token_kind': 'char', 'chars': CHARS}
+    return model.eval()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids, ids)[0]
+
+
+def test_every_kind_has_a_title_and_every_tool_names_it(tmp_path):
+    # inspect used to crash with KeyError: 'hf' on a Hugging Face directory: a kind missing from its own table
+    save_bundle(tmp_path / 'b', tiny(), 3, None, run_config={'dataset': 'mychars'})
+    run_script('convert_checkpoints.py', tmp_path / 'b', '--to', 'hf', tmp_path / 'hf', cwd=tmp_path)
+    run_script('convert_checkpoints.py', tmp_path / 'b', '--to', 'nanogpt', tmp_path / 'ng' / 'ckpt.pt', cwd=tmp_path)
+    seen = {}
+    for source in ('b', 'hf', 'ng/ckpt.pt'):
+        code, out = run_script('inspect_model.py', '--checkpoint', tmp_path / source, cwd=tmp_path)
+        seen[source] = out.split('=== FORMAT ===\n')[1].splitlines()[0]
+        assert 'n_layer:2, n_head:2, n_embd:32' in out and 'Traceback' not in out
+    assert seen == {'b': KINDS['bundle'].title, 'hf': KINDS['hf'].title, 'ng/ckpt.pt': KINDS['nanogpt'].title}
+    assert all(kind.title for kind in KINDS.values())
+
+
+def test_export_to_nanogpt_into_a_new_folder_writes_its_vocabulary(tmp_path):
+    model = tiny(bias=False)
+    save_bundle(tmp_path / 'deploy', model, 5, None, run_config={'dataset': 'mychars'})
+    code, out = run_script('convert_checkpoints.py', tmp_path / 'deploy', '--to', 'nanogpt', 'out-x/ckpt.pt', cwd=tmp_path)
+    assert 'no optimizer state' in out and 'data/mychars/meta.pkl' in out
+    # nanoGPT's sample.py: pickle.load(meta.pkl), then stoi / itos; plain builtins only
+    with open(tmp_path / 'out-x' / 'meta.pkl', 'rb') as f:
+        meta = pickle.load(f)
+    assert meta['vocab_size'] == 96 and [meta['itos'][i] for i in range(96)] == CHARS
+    assert all(meta['stoi'][c] == i for i, c in enumerate(CHARS))
+    ck = read_checkpoint(tmp_path / 'out-x' / 'ckpt.pt')
+    assert ck.kind == 'nanogpt' and ck.optimizer_state() is None and ck.tokenizer == model.tokenizer_spec
+    code, out = run_script('inspect_model.py', '--checkpoint', tmp_path / 'out-x' / 'ckpt.pt', cwd=tmp_path)
+    assert 'Optimizer state: none usable' in out and 'optimizer state is empty' in out
+    ids = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(0))
+    assert (logits(ck.build_model()[0].eval(), ids) - logits(model, ids)).abs().max() < 1e-5
+    code, out = run_script('convert_checkpoints.py', tmp_path / 'deploy', '--to', 'nanogpt', 'out-x/ckpt.pt',
+                           cwd=tmp_path, ok=False)
+    assert code == 1 and 'already holds a checkpoint' in out and '--force' in out
+
+
+def test_classifier_bundle_is_never_taken_for_a_gpt(tmp_path):
+    # finetune_hindi_xnli.py's best/ has the bundle's file names; it used to be reported as a 12 x 768 GPT
+    from finetune_hindi_xnli import NLIClassifier, save_bundle as save_classifier
+    from model import GPTBatched
+    model = NLIClassifier(GPTBatched(64, 8, 2, 64, 32, head_dim=32, arch='small'))
+    config = {'format_version': 1, 'kind': 'nli_classifier', 'vocab_size': 64, 'num_layers': 8, 'num_heads': 2,
+              'model_dim': 64, 'head_dim': 32, 'max_seq_len': 32, 'arch': 'small', 'num_classes': 3,
+              'labels': ['entailment', 'neutral', 'contradiction']}
+    save_classifier(tmp_path / 'best', model, config, {'token_kind': 'char', 'chars': CHARS[:64]},
+                    {'step': 34, 'metrics': {'accuracy': 0.825}})
+    code, out = run_script('inspect_model.py', '--checkpoint', tmp_path / 'best', cwd=tmp_path)
+    assert KINDS['classifier'].title in out and 'num_layers:8' in out and 'model_dim:64' in out
+    assert 'n_layer' not in out and 'Validation: accuracy 0.8250' in out and 'Last recorded training step: 34' in out
+    for script, args in (('generate.py', ['--checkpoint', tmp_path / 'best']),
+                         ('convert_checkpoints.py', [tmp_path / 'best', '--to', 'hf', tmp_path / 'hf']),
+                         ('train.py', ['--resume_from', tmp_path / 'best', '--max_iters', '1'])):
+        code, out = run_script(script, *args, cwd=tmp_path, ok=False)
+        assert code == 1 and 'Traceback' not in out and 'not a GPT language model' in out, (script, out)
+
+
+def test_config_that_disagrees_with_its_weights_is_refused_in_seconds(tmp_path):
+    save_bundle(tmp_path / 'deploy', tiny(), 3, None)
+    config = json.loads((tmp_path / 'deploy' / 'config.json').read_text())
+    (tmp_path / 'deploy' / 'config.json').write_text(json.dumps({**config, 'n_layer': 200000}))
+    start = time.time()
+    code, out = run_script('generate.py', '--checkpoint', tmp_path / 'deploy', '--max_new_tokens', 2, cwd=tmp_path, ok=False)
+    assert code == 1 and 'n_layer 200000 (the weights have 2)' in out and 'Traceback' not in out
+    assert time.time() - start < 30 # it used to build 200000 blocks (4.8 GB) before the load noticed
+    code, out = run_script('inspect_model.py', '--checkpoint', tmp_path / 'deploy', cwd=tmp_path)
+    assert 'not confirmed by the weights' in out and 'n_layer 200000 (the weights have 2)' in out
+
+
+def test_manifest_names_never_reach_outside_the_checkpoint(tmp_path):
+    save_bundle(tmp_path / 'b', tiny(), 3, None)
+    manifest = json.loads((tmp_path / 'b' / 'manifest.json').read_text())
+    for name in ('../../../../etc/passwd', '/etc/passwd', '..', 'sub/model.pt'):
+        damaged = {**manifest, 'files': {**manifest['files'], name: {'size': 1, 'xxh3_64': '0'}}}
+        (tmp_path / 'b' / 'manifest.json').write_text(json.dumps(damaged))
+        try:
+            read_checkpoint(tmp_path / 'b')
+            raise AssertionError(f'{name} was accepted')
+        except DamagedError as e:
+            assert 'not a plain file name' in str(e) and 'bytes' not in str(e)
+        code, out = run_script('inspect_model.py', '--checkpoint', tmp_path / 'b', cwd=tmp_path, ok=False)
+        assert code == 1 and 'not a plain file name' in out and 'Traceback' not in out
+    state = json.loads((tmp_path / 'b' / 'training_state.json').read_text())
+    (tmp_path / 'b' / 'manifest.json').write_text(json.dumps(manifest))
+    (tmp_path / 'b' / 'training_state.json').write_text(json.dumps({**state, 'optimizer_file': '../x.pt'}))
+    try:
+        read_checkpoint(tmp_path / 'b').optimizer_state()
+        raise AssertionError('an optimizer file outside the checkpoint was accepted')
+    except DamagedError as e:
+        assert "'../x.pt'" in str(e)
