@@ -68,18 +68,33 @@ def parse_value(raw, current):
         return raw
 
 
+def iter_tb(tb):
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next
+
+
 def apply_file(config, keys, path):
     if not os.path.isfile(path):
         raise ConfigError(f"Config file not found: {path!r} "
                           "(positional arguments are config files; overrides look like --key=value)")
-    with open(path) as f:
-        src = f.read()
+    try:
+        with open(path, encoding='utf-8') as f:
+            src = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"Config file {path!r} could not be read as text ({e}); config files are Python files") from None
     print(f"Overriding config with {path}:")
     print(src)
     # seed with the current values so a file can build on them (e.g. batch_size = batch_size * 2)
     seed = {k: config[k] for k in keys}
     ns = dict(seed)
-    exec(compile(src, path, 'exec'), ns)
+    try:
+        exec(compile(src, path, 'exec'), ns)
+    except Exception as e: # the file is the user's code: say where it broke, not our traceback
+        line = getattr(e, 'lineno', None) or next((tb.tb_lineno for tb in iter_tb(e.__traceback__)
+                                                   if tb.tb_frame.f_code.co_filename == path), '?')
+        raise ConfigError(f"Config file {path!r} failed at line {line}: {type(e).__name__}: {e}. "
+                          "Config files are Python that assigns config keys, e.g. batch_size = 32") from None
     for k, v in ns.items():
         # helpers the file imports or defines (import time, def f, _tmp) are not config
         if k.startswith('_') or callable(v) or isinstance(v, types.ModuleType):

@@ -10,13 +10,12 @@ $ python convert_checkpoints.py out-deploy --to hf hf-model         # transforme
 $ python convert_checkpoints.py out-deploy --to nanogpt out/ckpt.pt # nanoGPT's sample.py / train.py read it
 """
 
-import argparse
 import os
 
 import torch
 
 from core.checkpoint import KINDS, LEGACY_NAMES, WRITABLE, CheckpointError, find_checkpoint, read_checkpoint
-from core.cli import run
+from core.cli import Parser, run
 
 TOLERANCE = 1e-5  # max |logits difference| allowed between the legacy file and its bundle (fp32)
 
@@ -70,8 +69,8 @@ def export(source, fmt, out, meta=None, force=False):
     """ any checkpoint -> any kind KINDS can write (a bundle, a Hugging Face GPT-2 directory, a nanoGPT ckpt.pt),
     checked by reading it back """
     ck = read_checkpoint(source, meta_path=meta)
-    if find_checkpoint(out) and not force:
-        raise CheckpointError(f'{out} already holds a checkpoint; pass --force to replace it, or name another output')
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)) and not force:
+        raise CheckpointError(f'{out} already exists; pass --force to replace it, or name another output')
     model, _ = ck.build_model()
     KINDS[fmt].write(ck, model, out)
     reread = read_checkpoint(out)
@@ -106,7 +105,7 @@ def main(args):
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser(description='Convert legacy checkpoints into bundles (originals kept).')
+    parser = Parser(description='Convert legacy checkpoints into bundles (originals kept).')
     parser.add_argument('paths', nargs='*', help='legacy files or directories (default: every model under --root)')
     parser.add_argument('--root', default='checkpoints')
     parser.add_argument('--out', help='where to write the bundle (default: beside the source)')

@@ -5,17 +5,19 @@ $ python generate.py --model_name dante --legacy_checkpoint final.pt --start "FI
 $ python generate.py --checkpoint out-deploy --num_samples 3 --max_new_tokens 200
 """
 
-import argparse
 from contextlib import nullcontext
 
 import torch
 
 from core.checkpoint import CheckpointError
-from core.cli import add_checkpoint_args, open_checkpoint, run
+from core.cli import DTYPES, Parser, add_checkpoint_args, at_least, check_device, open_checkpoint, run
 from core.tokenizer import load_tokenizer
 
 
 def main(args):
+    check_device(args.device)
+    if not args.temperature > 0:
+        raise CheckpointError(f'--temperature {args.temperature}: it must be above 0 (1.0 = no change, < 1.0 = less random)')
     ck = open_checkpoint(args)
     if ck.tokenizer is None:
         raise CheckpointError(f'{ck.path} stores no vocabulary, so its tokens cannot be decoded; '
@@ -27,7 +29,7 @@ def main(args):
     if args.compile:
         model = torch.compile(model)
     device_type = 'cuda' if 'cuda' in args.device else 'cpu'
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[args.dtype]
+    ptdtype = getattr(torch, args.dtype)
     ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
 
     start = args.start
@@ -45,15 +47,15 @@ def main(args):
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser(description='Sample from a trained model.')
+    parser = Parser(description='Sample from a trained model.')
     add_checkpoint_args(parser)
     parser.add_argument('--start', default='\n', help='the prompt, or FILE:path to read it from a file')
-    parser.add_argument('--num_samples', type=int, default=3)
-    parser.add_argument('--max_new_tokens', type=int, default=300)
+    parser.add_argument('--num_samples', type=at_least(1), default=3)
+    parser.add_argument('--max_new_tokens', type=at_least(0), default=300)
     parser.add_argument('--temperature', type=float, default=0.8, help='1.0 = no change, < 1.0 = less random')
-    parser.add_argument('--top_k', type=int, default=200, help='keep only the top_k most likely tokens')
-    parser.add_argument('--seed', type=int, default=1337)
+    parser.add_argument('--top_k', type=at_least(1), default=200, help='keep only the top_k most likely tokens')
+    parser.add_argument('--seed', type=at_least(0), default=1337)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--dtype', default='bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16' if torch.cuda.is_available() else 'float32')
+    parser.add_argument('--dtype', choices=DTYPES, default='bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16' if torch.cuda.is_available() else 'float32')
     parser.add_argument('--compile', action='store_true')
     run(main, parser.parse_args())

@@ -7,12 +7,11 @@ Every kind in core/checkpoint.py's KINDS is read: bundles, legacy files, Hugging
 classifiers finetune_hindi_xnli.py writes.
 """
 
-import argparse
 import os
 
 from model import ADAPTER_FIELDS, ADAPTER_RANKS, GPTConfig
 from core.checkpoint import CheckpointError
-from core.cli import add_checkpoint_args, open_checkpoint, run
+from core.cli import Parser, add_checkpoint_args, open_checkpoint, run
 
 
 def size(path):
@@ -117,6 +116,6 @@ def main(args):
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = Parser(description=__doc__.strip().splitlines()[0])
     add_checkpoint_args(parser)
     run(main, parser.parse_args())

@@ -88,9 +88,24 @@ def load_tensors(path, map_location='cpu', mmap=False):
             f'code. torch said: {reference[0]}') from None
     except FileNotFoundError:
         raise CheckpointError(f'{path} does not exist') from None
-    except Exception as e: # truncated or damaged zip, empty file
-        raise CheckpointError(f'{path} could not be read as a PyTorch tensor file (damaged or truncated?): '
-                              f'{type(e).__name__}: {e}') from None
+    except IsADirectoryError:
+        raise CheckpointError(f'{path} is a directory, expected a PyTorch checkpoint file') from None
+    except Exception as e: # truncated or damaged zip, empty file, a text file
+        raise CheckpointError(f'{path} could not be read as a PyTorch tensor file: {what_file_holds(path)} '
+                              f'(torch said {type(e).__name__}: {e})') from None
+
+
+def what_file_holds(path):
+    """ a few words on a file that torch could not read, from its first bytes """
+    with open(path, 'rb') as f:
+        head = f.read(16)
+    if not head:
+        return 'the file is empty'
+    if head.startswith(b'PK\x03\x04'):
+        return 'it is a zip archive, but not a complete PyTorch one (truncated or damaged)'
+    if head[:1] == b'\x80':
+        return 'it is a pickle stream, truncated or damaged'
+    return f'it starts with {head!r}: not a zip archive or a pickle, so not a PyTorch file'
 
 
 def load_verified(directory, name, manifest):
