@@ -15,7 +15,8 @@ import os
 import torch
 
 from core.checkpoint import KINDS, LEGACY_NAMES, WRITABLE, CheckpointError, find_checkpoint, read_checkpoint
-from core.cli import Parser, run
+from core.args import Parser
+from core.cli import run
 
 TOLERANCE = 1e-5  # max |logits difference| allowed between the legacy file and its bundle (fp32)
 

@@ -13,7 +13,6 @@ xnli.dev.tsv trains and validates, and xnli.test.tsv tests. The outputs, in --ou
   results.json   best/ scored on the test set: accuracy, macro-F1, per-class accuracy, confusion matrix
 """
 
-import argparse
 import csv
 import json
 import math
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from load_checkpoint_helper import ModdedCheckpointError, load_pretrained_checkpoint
 from core.checkpoint import (JSON_FILES, CheckpointError, check_sizes, commit_directory, load_verified, read_json,
                              rng_state, save_tensors, set_rng_state, write_json)
+from core.args import Parser
 from core.commit import recover
 from core.tokenizer import TokenizerError, hf_spec_from_file, load_tokenizer
 
@@ -43,7 +43,7 @@ class DataError(ValueError):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description='Fine-tune a modded-nanogpt checkpoint on XNLI (3-way NLI).')
+    p = Parser(description='Fine-tune a modded-nanogpt checkpoint on XNLI (3-way NLI).')
     a = p.add_argument
     a('--dataset', default='hindi_xnli', help='data name; without --data_dir the files are read from data/<dataset>')
     a('--data_dir', help='a folder with the XNLI 1.0 xnli.dev.tsv (train + valid) and xnli.test.tsv')
@@ -81,8 +81,31 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if not args.resume and not (args.pretrained_ckpt_path and args.tokenizer_name):
         p.error('--pretrained_ckpt_path and --tokenizer_name are required (unless --resume finds <out_dir>/last)')
-    if min(args.batch_size, args.num_epochs, args.log_interval, args.max_steps or 1, args.block_size - 2) < 1:
-        p.error('--batch_size, --num_epochs, --log_interval, --max_steps must be positive, --block_size at least 3')
+    # each limit is written so that NaN fails it too
+    for flag, ok, expected in (
+            ('batch_size', args.batch_size >= 1, 'at least 1'), ('num_epochs', args.num_epochs >= 1, 'at least 1'),
+            ('max_steps', args.max_steps is None or args.max_steps >= 1, 'at least 1'),
+            ('eval_interval', args.eval_interval is None or args.eval_interval >= 1, 'at least 1'),
+            ('log_interval', args.log_interval >= 1, 'at least 1'), ('block_size', args.block_size >= 3, 'at least 3'),
+            ('n_layer', args.n_layer is None or args.n_layer >= 1, 'at least 1'),
+            ('n_head', args.n_head is None or args.n_head >= 1, 'at least 1'),
+            ('n_embd', args.n_embd is None or args.n_embd >= 1, 'at least 1'),
+            ('learning_rate', 0 <= args.learning_rate < math.inf, 'a finite number >= 0'),
+            ('head_learning_rate', 0 <= args.head_learning_rate < math.inf, 'a finite number >= 0'),
+            ('weight_decay', 0 <= args.weight_decay < math.inf, 'a finite number >= 0'),
+            ('warmup_ratio', 0 <= args.warmup_ratio <= 1, 'between 0 and 1'),
+            ('grad_clip', 0 < args.grad_clip <= math.inf, 'a number > 0'),
+            ('dropout', 0 <= args.dropout < 1, 'at least 0 and below 1')):
+        if not ok:
+            p.error(f'--{flag} must be {expected}, found {getattr(args, flag)}')
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f'--device {args.device!r} is not a torch device; expected cpu, cuda, cuda:N or mps')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        p.error(f'--device {args.device}: this PyTorch sees no CUDA GPU; use --device cpu')
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        p.error(f'--out_dir {args.out_dir} is a file; expected a directory (new or from an earlier run)')
     return args
 
 # -----------------------------------------------------------------------------
@@ -99,14 +122,20 @@ def read_table(path):
         raise DataError(f'{path} does not exist; expected a {ext} file of NLI examples (point --data_dir at the folder '
                         'holding xnli.dev.tsv and xnli.test.tsv, or name files with --train_file, --valid_file, '
                         '--test_file)')
-    with open(path, encoding='utf-8', newline='') as f:
-        if ext in ('.tsv', '.csv'):
-            # XNLI's TSV has stray quote characters inside sentences: it must be read without quoting
-            tsv = dict(delimiter='\t', quoting=csv.QUOTE_NONE) if ext == '.tsv' else {}
-            reader = csv.DictReader(f, **tsv)
-            rows = [(f'line {reader.line_num}', row) for row in reader]
-            return list(reader.fieldnames or []), rows
-        text = f.read()
+    try:
+        with open(path, encoding='utf-8', newline='') as f:
+            if ext in ('.tsv', '.csv'):
+                # XNLI's TSV has stray quote characters inside sentences: it must be read without quoting
+                tsv = dict(delimiter='\t', quoting=csv.QUOTE_NONE) if ext == '.tsv' else {}
+                reader = csv.DictReader(f, **tsv)
+                rows = [(f'line {reader.line_num}', row) for row in reader]
+                return list(reader.fieldnames or []), rows
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f'{path} is not UTF-8 text (byte {e.object[e.start]:#04x}: {e.reason}); expected a '
+                        f'UTF-8 {ext} file of NLI examples') from None
+    except csv.Error as e:
+        raise DataError(f'{path} is not a readable {ext} file ({e}); expected {ext} rows of NLI examples') from None
     try:
         if text.lstrip().startswith('['):
             rows = [(f'item {i}', r) for i, r in enumerate(json.loads(text), 1)]
@@ -379,7 +408,18 @@ def build_model(args, last_dir):
     return model, bundle_config(info, backbone.arch, args), hf_spec_from_file(args.tokenizer_name), None
 
 
+def refuse_distributed_launch():
+    """ no DDP here: under torchrun every process would train its own copy and all would write the same out_dir """
+    world_size = os.environ.get('WORLD_SIZE', '1')
+    if world_size != '1':
+        sys.exit(f"error: finetune_hindi_xnli.py was started as one of several processes (WORLD_SIZE={world_size}, "
+                 f"RANK={os.environ.get('RANK')}, e.g. by torchrun), but it has no distributed (DDP) support: each "
+                 'process would train its own copy of the model and all would write the same --out_dir. Run it as a '
+                 'single process, with plain `python finetune_hindi_xnli.py ...`.')
+
+
 def main(args):
+    refuse_distributed_launch()  # before any work
     torch.manual_seed(args.seed)
     device, last_dir, best_dir = args.device, os.path.join(args.out_dir, 'last'), os.path.join(args.out_dir, 'best')
     cuda = torch.device(device).type == 'cuda'

@@ -10,7 +10,8 @@ from contextlib import nullcontext
 import torch
 
 from core.checkpoint import CheckpointError
-from core.cli import DTYPES, Parser, add_checkpoint_args, at_least, check_device, open_checkpoint, run
+from core.args import Parser, at_least
+from core.cli import DTYPES, add_checkpoint_args, check_device, open_checkpoint, run
 from core.tokenizer import load_tokenizer
 
 

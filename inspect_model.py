@@ -11,7 +11,8 @@ import os
 
 from model import ADAPTER_FIELDS, ADAPTER_RANKS, GPTConfig
 from core.checkpoint import CheckpointError
-from core.cli import Parser, add_checkpoint_args, open_checkpoint, run
+from core.args import Parser
+from core.cli import add_checkpoint_args, open_checkpoint, run
 
 
 def size(path):

@@ -14,6 +14,8 @@ scalars checked (at least 5L values, any padding all 1.0) and cut to 5L, small k
 layout (model.small_to_medium_state_dict), then a strict load.
 """
 
+import os
+
 import torch
 
 from model import (GPTBatched, GPTFlexAttention, KNOWN_HEADS, Rotary, check_state_dict_fits, meta_device,
@@ -29,13 +31,54 @@ class ModdedCheckpointError(CheckpointError):
     """ a modded-nanogpt checkpoint that cannot be used as asked; the message says why """
 
 
+EXPECTED = 'expected a .pt file written by train_gpt_small.py or train_gpt_medium.py'
+NANOGPT_HINT = ('; these are nanoGPT / GPT-2 keys (transformer.h.N...), a checkpoint of nanoGPT or of this repository\'s '
+                'train.py, which inspect_model.py and generate.py read, not a modded-nanogpt one')
+
+
+def check_tensor_file(path):
+    """ name what a file plainly is not before torch.load does, which says e.g. 'KeyError: 101' for a text file """
+    if os.path.isdir(path):
+        raise ModdedCheckpointError(f'{path} is a directory; {EXPECTED} (a bundle directory of train.py is read by '
+                                    'inspect_model.py)')
+    if not os.path.exists(path):
+        raise ModdedCheckpointError(f'{path} does not exist; {EXPECTED}')
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        head = f.read(64)
+        f.seek(max(0, size - 65557)) # the zip end record sits in the last 22 bytes + up to 64 KiB of comment
+        tail = f.read()
+    if not head:
+        raise ModdedCheckpointError(f'{path} is empty (0 bytes); {EXPECTED}')
+    if head[:2] == b'PK': # torch.save writes a zip archive, which ends with its end-of-central-directory record
+        if b'PK\x05\x06' not in tail:
+            raise ModdedCheckpointError(f'{path} is truncated or damaged: it starts as a zip archive (as torch.save '
+                                        f'writes) but has no end record ({size:,} bytes); copy the file again')
+    elif head[0] != 0x80: # nor the pickle protocol byte that old-style torch.save files start with
+        try:
+            found = f'text starting {head.decode()[:40]!r}'
+        except UnicodeDecodeError as e: # a character cut by the 64 bytes read is still text
+            found = (f'text starting {head[:e.start].decode()[:40]!r}' if e.start >= len(head) - 3 else
+                     f'a file starting with the bytes {head[:8]!r}')
+        raise ModdedCheckpointError(f'{path} is not a PyTorch checkpoint: {EXPECTED} (a zip archive starting with '
+                                    f'PK), found {found}')
+
+
 def read_state_dict(path):
+    check_tensor_file(path)
     checkpoint = load_tensors(path, mmap=True) # the optimizer states are large: mapped, never read
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('model'), dict):
+        keys = [str(k) for k in checkpoint][:6] if isinstance(checkpoint, dict) else []
+        hint = NANOGPT_HINT if any(k.startswith('transformer.') for k in keys) else ''
         raise ModdedCheckpointError(f'{path} is not a modded-nanogpt checkpoint: expected a dict with a "model" '
                                     f'state dict (and step, optimizers, val_loss), found {type(checkpoint).__name__}'
-                                    + (f' with keys {sorted(checkpoint)[:6]}' if isinstance(checkpoint, dict) else ''))
-    return checkpoint, strip_wrapper_prefixes(checkpoint['model'])
+                                    + (f' with keys {keys}' if isinstance(checkpoint, dict) else '') + hint)
+    sd = checkpoint['model']
+    odd = next((k for k, v in sd.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))), None)
+    if odd is not None:
+        raise ModdedCheckpointError(f'{path} is not a modded-nanogpt checkpoint: its "model" state dict should map '
+                                    f'names to tensors, found {odd!r}: {type(sd[odd]).__name__}')
+    return checkpoint, strip_wrapper_prefixes(sd)
 
 
 def inspect_checkpoint(path, num_heads=None, verbose=True):
@@ -46,8 +89,9 @@ def inspect_checkpoint(path, num_heads=None, verbose=True):
     elif any(k.endswith('.attn.qkvo_w') for k in sd):
         layout, qkv = 'medium', 'qkvo_w'
     else:
+        hint = NANOGPT_HINT if any(k.startswith('transformer.') for k in sd) else ''
         raise ModdedCheckpointError(f'{path}: neither the small layout (blocks.N.attn.qkv_w) nor the medium layout '
-                                    f'(blocks.N.attn.qkvo_w) was found; keys start with {list(sd)[:5]}')
+                                    f'(blocks.N.attn.qkvo_w) was found; keys start with {list(sd)[:5]}{hint}')
     if 'embed.weight' not in sd or 'scalars' not in sd:
         raise ModdedCheckpointError(f'{path}: a modded-nanogpt state dict has embed.weight and scalars; '
                                     f'missing {[k for k in ("embed.weight", "scalars") if k not in sd]}')

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from model import (ADAPTER_FIELDS, BASE_FIELDS, GPT, GPTConfig, is_lora_factor, load_universal_state_dict, standard_key,
+from model import (ADAPTER_FIELDS, GPT, GPTConfig, is_lora_factor, load_universal_state_dict, standard_key,
                    standardize_state_dict)
 from core.commit import (MANIFEST_FILE, CheckpointError, DamagedError, atomic_write, check_sizes, commit_directory,
                          interrupted_save, is_plain_name, verify_file, write_json)

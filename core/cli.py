@@ -3,7 +3,6 @@ What the command-line tools share: how a checkpoint is named on the command line
 run (one clear paragraph on stderr and exit code 1; the traceback only with --debug).
 """
 
-import argparse
 import os
 import sys
 import traceback
@@ -18,29 +17,9 @@ CLEAR_ERRORS = (CheckpointError, CheckpointMismatchError, TokenizerError, OSErro
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 
-class Parser(argparse.ArgumentParser):
-    """ argparse, but a bad option ends like every other bad input: one paragraph, exit code 1 (argparse uses 2) """
-
-    def error(self, message):
-        self.exit(1, f'error: {message} (see {self.prog} --help)\n')
-
-
 def check_device(device):
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise CheckpointError(f'--device {device}: this machine has no CUDA GPU that torch can use; pass --device cpu')
-
-
-def at_least(minimum):
-    """ an argparse type: an int no smaller than minimum """
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f'{value} is too small: it must be at least {minimum}')
-        return value
-    return parse
 
 
 def add_checkpoint_args(parser):

@@ -10,9 +10,9 @@ Output goes to data/<dataset>/ unless --out_dir says otherwise. meta.json holds
 {"vocab_size", "tokenizer" (a core/tokenizer.py spec), "source", "train_tokens", "val_tokens"}.
 It is JSON, never pickle: loading a pickle can run arbitrary code.
 """
-import argparse
 import json
 import platform
+import re
 import sys
 import urllib.request
 from pathlib import Path
@@ -21,6 +21,7 @@ import numpy as np
 
 if __name__ == "__main__":  # run as `python data/prepare.py`: make the repo root importable, for core/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from core.args import Parser
 from core.commit import atomic_write, write_json
 from core.tokenizer import TokenizerError, char_spec, load_tokenizer
 
@@ -52,10 +53,18 @@ def download(url, path):
 
 
 def read_text_file(path):
+    if Path(path).is_dir():
+        raise DatasetError(f"the input {path} is a directory; expected a UTF-8 text file")
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"the input {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}: "
+                           f"{e.reason}; a binary file?); expected a UTF-8 text file") from None
+    except OSError as e:
         raise DatasetError(f"could not read the input text file {path}: expected a UTF-8 text file, found error: {e}") from None
+    if not text:
+        raise DatasetError(f"the input {path} is empty; expected a UTF-8 text file with the text to train on")
+    return text
 
 
 def shakespeare_text(out_dir):
@@ -73,6 +82,10 @@ def shakespeare_text(out_dir):
 
 def prepare(dataset="pydocs_char", input_path=None, out_dir=None, tokenizer=None, val_fraction=0.1):
     """Tokenize a dataset and write train.bin, val.bin and meta.json into out_dir. Returns the meta dict."""
+    # the name becomes the folder data/<dataset>: a path in it ('../x', '/abs') would write outside data/
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", dataset):
+        raise DatasetError(f"the dataset name {dataset!r} is not a plain name: expected letters, digits, '_', '-' and "
+                           "'.' (not first), since it names the folder data/<dataset>; use --out_dir for another place")
     if dataset not in DATASETS and input_path is None:
         raise DatasetError(
             f"unknown dataset {dataset!r}: the known datasets are {', '.join(DATASETS)}. "
@@ -83,6 +96,8 @@ def prepare(dataset="pydocs_char", input_path=None, out_dir=None, tokenizer=None
     if not 0 < val_fraction < 1:
         raise DatasetError(f"val_fraction must be between 0 and 1 (exclusive), found {val_fraction}")
     out_dir = Path(out_dir) if out_dir is not None else Path(__file__).parent / dataset
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DatasetError(f"the output folder {out_dir} is a file; expected a directory (new or existing)")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     if input_path is not None:
@@ -105,7 +120,7 @@ def prepare(dataset="pydocs_char", input_path=None, out_dir=None, tokenizer=None
     split = int(n * (1 - val_fraction))
     train_ids, val_ids = enc.encode(text[:split]), enc.encode(text[split:])
     if not train_ids or not val_ids:
-        raise DatasetError(f"the text is too short to split into train and val: {n} characters")
+        raise DatasetError(f"the text of {source} is too short to split into train and val: {n} characters")
     print(f"train has {len(train_ids):,} tokens")
     print(f"val has {len(val_ids):,} tokens")
 
@@ -141,7 +156,7 @@ def load_meta(data_dir):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Tokenize a text dataset into train.bin / val.bin / meta.json.")
+    parser = Parser(description="Tokenize a text dataset into train.bin / val.bin / meta.json.")
     parser.add_argument("--dataset", default="pydocs_char",
                         help=f"one of {', '.join(DATASETS)} (default pydocs_char), or any name together with --input")
     parser.add_argument("--input", help="a UTF-8 text file to use instead of the dataset's own text")
@@ -152,5 +167,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
     try:
         prepare(args.dataset, args.input, args.out_dir, args.tokenizer, args.val_fraction)
-    except (DatasetError, TokenizerError) as e:
+    except (DatasetError, TokenizerError, OSError) as e:  # OSError: e.g. no permission to write --out_dir
         sys.exit(f"error: {e}")  # a clear message on stderr and exit code 1, no traceback

@@ -6,6 +6,7 @@ Hindi XNLI data with random modded-nanogpt checkpoints (small and medium layouts
 
 import argparse
 import json
+import os
 import re
 from contextlib import nullcontext
 
@@ -340,6 +341,48 @@ def test_end_to_end_train_evaluate_and_resume(xnli, tmp_path):
     assert json.loads((tmp_path / 'out' / 'results.json').read_text())['best_step'] == best_after['step']
 
 
+def test_an_interrupted_and_resumed_run_ends_where_the_uninterrupted_run_ends(xnli, tmp_path, monkeypatch):
+    # in-process (fast): the run is cut right after its save at step 3, then resumed. Only with the AdamW moments and
+    # step counts restored from last/optimizer.pt (fresh ones take different first steps), the data order and the
+    # RNG state, do the weights and moments after step 6 equal the uninterrupted run's
+    monkeypatch.setenv('WORLD_SIZE', '1')  # what torchrun sets for one process: accepted
+    monkeypatch.chdir(tmp_path)  # no data/hindi_xnli/xnli.test.tsv here: no test set, the run stays short
+    for name, n, seed in (('train', 48, 1), ('valid', 12, 2)):
+        (tmp_path / f'{name}.jsonl').write_text(''.join(
+            json.dumps({'premise': p, 'hypothesis': h, 'label': y}, ensure_ascii=False) + '\n'
+            for p, h, y in make_examples(n, seed)), encoding='utf-8')
+    def args(out, *more):
+        return ft.get_args(['--train_file', 'train.jsonl', '--valid_file', 'valid.jsonl', '--pretrained_ckpt_path',
+                            str(xnli.ckpt), '--tokenizer_name', str(xnli.tokenizer), '--n_head', '2', '--batch_size', '8',
+                            '--max_steps', '6', '--eval_interval', '3', '--learning_rate', '2e-3', '--device', 'cpu',
+                            '--out_dir', out, *more])
+    ft.main(args('whole'))
+
+    class Crash(Exception):
+        pass
+    save = ft.save_bundle
+    def save_then_crash(path, *a, **k):
+        save(path, *a, **k)
+        if os.path.basename(path) == 'last':
+            raise Crash
+    monkeypatch.setattr(ft, 'save_bundle', save_then_crash)
+    with pytest.raises(Crash):
+        ft.main(args('cut'))
+    assert json.loads((tmp_path / 'cut' / 'last' / 'training_state.json').read_text())['step'] == 3
+    monkeypatch.setattr(ft, 'save_bundle', save)
+    ft.main(args('cut', '--resume'))
+
+    for name in ('model.pt', 'optimizer.pt'):
+        whole = torch.load(tmp_path / 'whole' / 'last' / name, weights_only=True)
+        resumed = torch.load(tmp_path / 'cut' / 'last' / name, weights_only=True)
+        if name == 'optimizer.pt':
+            assert whole['state'][0]['step'] == resumed['state'][0]['step'] == 6
+            whole, resumed = ({f'{i}.{k}': v for i, s in o['state'].items() for k, v in s.items()} for o in (whole, resumed))
+        assert whole.keys() == resumed.keys()
+        for k in whole:
+            assert torch.equal(whole[k], resumed[k]), (name, k)
+
+
 def test_medium_layout_checkpoint_smoke(xnli, tmp_path):
     ckpt = make_random_checkpoint(tmp_path / 'medium.pt', layout='medium', vocab_size=xnli.vocab, **TINY)
     train = tmp_path / 'train.jsonl'  # a Hugging Face style export, with no test set
@@ -368,4 +411,15 @@ def test_clear_errors_exit_1_without_a_traceback(xnli, tmp_path):
     assert code == 1 and 'Traceback' not in out and '--n_head' in out
 
     code, out = run_script(SCRIPT, '--dataset', 'hindi_xnli', '--batch_size', 16, cwd=tmp_path, ok=False)
-    assert code == 2 and '--pretrained_ckpt_path and --tokenizer_name are required' in out
+    assert code == 1 and '--pretrained_ckpt_path and --tokenizer_name are required' in out
+
+
+def test_torchrun_with_several_processes_is_refused_before_any_work(xnli, tmp_path, monkeypatch):
+    # what torchrun --nproc_per_node=2 sets in each process: without DDP, two copies would write the same out_dir
+    for k, v in dict(RANK='0', LOCAL_RANK='0', WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT='29500').items():
+        monkeypatch.setenv(k, v)
+    code, out = run_script(SCRIPT, '--data_dir', xnli.data_dir, '--pretrained_ckpt_path', xnli.ckpt, '--tokenizer_name',
+                           xnli.tokenizer, '--n_head', 2, '--max_steps', 1, '--out_dir', 'out', cwd=tmp_path, ok=False)
+    assert code == 1 and 'Traceback' not in out and out.count('\n') == 1, out  # one paragraph
+    assert 'WORLD_SIZE=2' in out and 'no distributed (DDP) support' in out and 'plain `python finetune_hindi_xnli.py' in out
+    assert 'Checkpoint:' not in out and not (tmp_path / 'out').exists()  # nothing loaded, nothing written

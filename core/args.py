@@ -1,0 +1,28 @@
+"""
+Command-line arguments, as every script here parses them: a bad option ends like any other bad input, in one
+paragraph and exit code 1 (argparse's own is 2), and numbers are checked where they are parsed. No torch here, so
+data/prepare.py can use it too.
+"""
+
+import argparse
+import sys
+
+
+class Parser(argparse.ArgumentParser):
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(1, f'{self.prog}: error: {message}\n')
+
+
+def at_least(minimum):
+    """ an argparse type: a whole number no smaller than minimum """
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f'{value} is too small: it must be at least {minimum}')
+        return value
+    return parse
