@@ -145,7 +145,7 @@ if ddp:
         gradient_accumulation_steps //= ddp_world_size
     elif master_process: # ...and where they do not divide, each process runs the config's own accumulation
         print(f"note: gradient_accumulation_steps = {gradient_accumulation_steps} does not divide among "
-              f"{ddp_world_size} processes, so each process runs {gradient_accumulation_steps} micro-steps: a step "
+              f"{ddp_world_size} processes, so each process runs {gradient_accumulation_steps} micro-step(s): a step "
               f"trains on {ddp_world_size}x the config's tokens (for the config's tokens per step, pass a multiple "
               f"of {ddp_world_size}, e.g. --gradient_accumulation_steps={ddp_world_size})")
 else:
@@ -153,6 +153,7 @@ else:
     master_process = True
     seed_offset = 0
     ddp_world_size = 1
+log = print if master_process else lambda *args: None # what the run says, said once (not once per process)
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed + seed_offset)
@@ -212,7 +213,7 @@ if not resume_path:
 else:
     # --- smart resume: the checkpoint decides the base, this config the adapters; the key mapping lives in
     # model.load_universal_state_dict, the file formats in core/checkpoint.py ---
-    print(f"Resuming training from {resume_path}")
+    log(f"Resuming training from {resume_path}")
     try:
         ckpt = read_checkpoint(resume_path)
         ckpt.weights() # a GPT whose config.json describes its weights, checked before anything is built
@@ -220,31 +221,38 @@ else:
             raise CheckpointError(f"{resume_path} was trained with another tokenizer than {data_dir}/meta.json's "
                                   f"({ckpt.tokenizer.get('token_kind')} vs {meta['tokenizer'].get('token_kind')}, "
                                   f"vocab {ckpt.config.vocab_size} vs {meta['vocab_size']}): pick the dataset it was trained on")
+        if ckpt.tokenizer is None and meta['vocab_size'] > ckpt.config.vocab_size:
+            raise CheckpointError(f"{resume_path} stores no vocabulary, and {data_dir}/meta.json's has {meta['vocab_size']} "
+                                  f"tokens where the model has {ckpt.config.vocab_size} embedding rows: ids past "
+                                  f"{ckpt.config.vocab_size - 1} have no embedding. Pick the dataset it was trained on")
         for k in BASE_FIELDS:
             ours, theirs = model_args.get(k), getattr(ckpt.config, k)
             if k in model_args and ours != theirs and not (k == 'n_hidden' and ours == 0) and k != 'block_size':
-                print(f"note: {k} = {theirs} from the checkpoint is used (this config says {ours})")
+                log(f"note: {k} = {theirs} from the checkpoint is used (this config says {ours})")
             model_args[k] = theirs
         model = GPT.on_meta(GPTConfig(**model_args)) # built without memory or init: the checkpoint fills it
         report = ckpt.load_into(model)
     except (CheckpointError, CheckpointMismatchError) as e:
         fail(e)
-    print(describe_load(ckpt, report))
+    log(describe_load(ckpt, report))
+    if ckpt.tokenizer is None:
+        log(f"note: {resume_path} stores no vocabulary: {data_dir}/meta.json's ({meta['vocab_size']} tokens) is used "
+            f"with the model's {ckpt.config.vocab_size} embedding rows, and saved with the checkpoint")
     # the block size: the checkpoint has position embeddings for ckpt.config.block_size positions
     if block_size < ckpt.config.block_size:
-        print(f"note: block_size = {block_size} from this config: the checkpoint's {ckpt.config.block_size} position "
-              f"embeddings are cropped to the first {block_size} (nanoGPT's crop_block_size)")
+        log(f"note: block_size = {block_size} from this config: the checkpoint's {ckpt.config.block_size} position "
+            f"embeddings are cropped to the first {block_size} (nanoGPT's crop_block_size; their optimizer state starts fresh)")
         model.crop_block_size(block_size)
     elif block_size > ckpt.config.block_size:
-        print(f"note: block_size = {ckpt.config.block_size} from the checkpoint is used: it has position embeddings "
-              f"for {ckpt.config.block_size} positions only, so this config's {block_size} cannot be honoured; "
-              f"batches, evaluation and generation use {ckpt.config.block_size}")
+        log(f"note: block_size = {ckpt.config.block_size} from the checkpoint is used: it has position embeddings "
+            f"for {ckpt.config.block_size} positions only, so this config's {block_size} cannot be honoured; "
+            f"batches, evaluation and generation use {ckpt.config.block_size}")
         block_size = config['block_size'] = ckpt.config.block_size
     model.tokenizer_spec = ckpt.tokenizer or meta['tokenizer']
     iter_num = ckpt.step
     best_val_loss = ckpt.best_val_loss if ckpt.best_val_loss is not None else 1e9
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
-print(f"tokens per iteration will be: {tokens_per_iter:,}")
+log(f"tokens per iteration will be: {tokens_per_iter:,}")
 for split in ('train', 'val'): # every batch draws block_size + 1 tokens from the split
     tokens = os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // 2
     if tokens <= block_size:
@@ -264,7 +272,7 @@ if ckpt is not None:
         kept, fresh = apply_optimizer_state(model, optimizer, ckpt.optimizer_state())
     except CheckpointError as e:
         fail(e)
-    print(f"optimizer: state carried over for {kept} parameter tensors, fresh for {fresh}")
+    log(f"optimizer: state carried over for {kept} parameter tensors, fresh for {fresh}")
     if 'scaler' in ckpt.training_state and scaler.is_enabled():
         scaler.load_state_dict(ckpt.training_state['scaler'])
     if ddp: # the checkpoint holds rank 0's random state: each rank needs a stream of its own

@@ -148,12 +148,13 @@ def config_to_json(config):
     return {'format_version': FORMAT_VERSION, **dataclasses.asdict(config), **STANDARD}
 
 
-def config_from_dict(data, source):
-    """ GPTConfig from a JSON or legacy dict: unknown fields ignored with a warning, missing ones default """
+def config_from_dict(data, source, notes=None):
+    """ GPTConfig from a JSON or legacy dict: unknown fields ignored (said in `notes`, else warned), missing ones default """
     fields = {f.name: f for f in dataclasses.fields(GPTConfig)}
     unknown = sorted(k for k in data if k not in fields and k != 'format_version')
     if unknown:
-        warnings.warn(f'{source}: ignoring fields that are not part of GPTConfig: {", ".join(unknown)}', stacklevel=2)
+        note = f'{source}: ignoring fields that are not part of GPTConfig: {", ".join(unknown)}'
+        notes.append(note) if notes is not None else warnings.warn(note, stacklevel=2)
     kwargs = {}
     for k, v in data.items():
         if k not in fields:
@@ -420,7 +421,7 @@ def read_bundle(path, meta_path=None):
         return read_json(path / name)
     if not (path / CONFIG_FILE).exists():
         raise CheckpointError(f'{path / CONFIG_FILE} is missing: a checkpoint bundle needs it')
-    config = config_from_dict(read(CONFIG_FILE), path / CONFIG_FILE)
+    config = config_from_dict(read(CONFIG_FILE), path / CONFIG_FILE, notes)
     state = read(STATE_FILE) if (path / STATE_FILE).exists() else {}
     tokenizer = read(TOKENIZER_FILE) if (path / TOKENIZER_FILE).exists() else None
     if not (path / MODEL_FILE).exists():
@@ -448,7 +449,8 @@ def read_legacy(path, meta_path=None):
     if 'n_head' not in args:
         raise CheckpointError(f'{path} does not record n_head (no model_args), and no tensor shape tells it; '
                               'save it with its model_args, or convert it with an explicit config')
-    config = config_from_dict({**args, **inferred, **STANDARD}, path)
+    known = {f.name for f in dataclasses.fields(GPTConfig)} # an older file's config also holds run settings
+    config = config_from_dict({**{k: v for k, v in args.items() if k in known}, **inferred, **STANDARD}, path)
     lora_alpha = args.get('lora_alpha')
     run_config = ck.get('config') if isinstance(ck.get('config'), dict) else {}
 
@@ -511,7 +513,8 @@ def legacy_tokenizer(path, ck, run_config, vocab_size, meta_path, notes):
     if vocab_size >= 50257:
         notes.append('tokenizer: gpt2 assumed (no vocabulary stored; nanoGPT\'s sample.py assumes the same)')
         return {'token_kind': 'gpt2'}
-    notes.append(f'tokenizer: unknown (no vocabulary stored and no meta file for dataset {dataset!r}); pass --meta PATH')
+    notes.append(f'tokenizer: unknown (no vocabulary stored and no meta file for dataset {dataset!r}); the tools take '
+                 '--meta PATH, train.py the vocabulary of its --dataset')
     return None
 
 

@@ -60,13 +60,13 @@ def test_config_json_grows_and_shrinks_safely(tmp_path):
     model, _, ids = trained_model()
     save_bundle(tmp_path, model, 2)
     config = json.loads((tmp_path / 'config.json').read_text())
-    # fields a newer (or older, seed-style) writer added are ignored with a warning; hand edits of them are safe
+    # fields a newer (or older, seed-style) writer added are ignored with a note; hand edits of them are safe
     config.update(batch_size=32, device='cuda', a_future_field=[1, 2])
     config['dropout'] = 0.2
     del config['lora_dropout']  # a field an older writer did not know: it takes its default
     (tmp_path / 'config.json').write_text(json.dumps(config))
-    with pytest.warns(UserWarning, match='a_future_field, batch_size, device'):
-        ck = read_checkpoint(tmp_path)
+    ck = read_checkpoint(tmp_path)
+    assert any('ignoring fields that are not part of GPTConfig: a_future_field, batch_size, device' in n for n in ck.notes)
     assert ck.config.dropout == 0.2 and ck.config.lora_dropout == 0.0
     assert any('config.json was edited after it was saved' in note for note in ck.notes)  # said, not refused
     loaded = ck.build_model()[0].eval()

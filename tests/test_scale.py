@@ -13,7 +13,7 @@ from tests.helpers import REPO, TINY_CONFIG, resume_check, run_train, wandb_offl
 
 
 def torchrun(cwd, *args):
-    env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1'}
+    env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'} # no mid-line interleaving
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                str(REPO / 'train.py'), TINY_CONFIG, *map(str, args)]
     proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
