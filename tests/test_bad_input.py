@@ -13,7 +13,7 @@ import torch
 
 from core.tokenizer import hf_spec_from_file, load_tokenizer
 from load_checkpoint_helper import make_random_checkpoint
-from core.checkpoint import save_bundle
+from core.checkpoint import read_checkpoint, save_bundle
 from model import GPT, GPTConfig
 from tests.helpers import run_script
 from tests.xnli_fixture import make_xnli_data, round_up
@@ -82,6 +82,13 @@ def bundle(d, name='b', bias=False, **kw):
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=96, bias=bias))
     model.tokenizer_spec = {'token_kind': 'char', 'chars': [chr(32 + i) for i in range(95)] + ['\n']}
     save_bundle(d / name, model, 3, None, run_config={'dataset': 'pydocs_char'}, **kw)
+    return name
+
+
+def hf_dir(d, name='hf'):
+    """ a Hugging Face GPT-2 directory of the tiny bundle's 96-token model: it stores no vocabulary """
+    from core.interop import export_hf
+    export_hf(read_checkpoint(d / bundle(d, 'biased', bias=True)).build_model()[0], d / name)
     return name
 
 
@@ -179,6 +186,8 @@ CASES = {
         ('config.json that disagrees with model.pt', lambda d: ['--resume_from=' + edited(d, 'b', 'config.json', n_layer=9)],
          'it says n_layer 9 (the weights have 2)'),
         ('other tokenizer than the data', lambda d: ['--resume_from=' + bundle(d)], 'was trained with another tokenizer'),
+        ('no vocabulary stored, and the data has more tokens', lambda d: ['--resume_from=' + hf_dir(d)],
+         "pydocs_char/meta.json's has 103 tokens where the model has 96 embedding rows"),
     ],
     'generate.py': [
         ('no checkpoint named', lambda d: [], 'exactly one of --model_name NAME or --checkpoint PATH'),
