@@ -375,8 +375,12 @@ class Checkpoint:
 
 def read_hf_checkpoint(path, meta_path=None):
     fields, weights = read_hf(path)
-    gpt2 = {'token_kind': 'gpt2'} if fields['vocab_size'] in (50257, 50304) else None
-    return Checkpoint(path, 'hf', config_from_dict(fields, path), gpt2, 0, None, {}, weights=weights)
+    tokenizer = {'token_kind': 'gpt2'} if fields['vocab_size'] in (50257, 50304) else None
+    notes = []
+    if meta_path: # a vocabulary named on the command line (--meta) wins
+        tokenizer = read_meta_file(meta_path)
+        notes.append(f'tokenizer: read from {meta_path}')
+    return Checkpoint(path, 'hf', config_from_dict(fields, path), tokenizer, 0, None, {}, notes, weights=weights)
 
 
 def read_classifier(path, meta_path=None):
@@ -490,6 +494,19 @@ def read_meta_pkl(path):
         raise CheckpointError(f'{path} is not a nanoGPT meta.pkl with an itos vocabulary: {e}') from None
 
 
+def read_meta_file(path):
+    """ the tokenizer spec of a data/<dataset>/meta.json (ours) or meta.pkl (nanoGPT's) """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'{path} does not exist; expected a meta.json or nanoGPT meta.pkl vocabulary')
+    if path.suffix != '.json':
+        return read_meta_pkl(path)
+    meta = read_json(path)
+    if not (isinstance(meta, dict) and isinstance(meta.get('tokenizer'), dict)):
+        raise CheckpointError(f'{path} has no "tokenizer" entry: expected the meta.json that data/prepare.py writes')
+    return meta['tokenizer']
+
+
 def legacy_tokenizer(path, ck, run_config, vocab_size, meta_path, notes):
     """ the vocabulary of a legacy checkpoint: stored in it, or next to its dataset, like nanoGPT's sample.py """
     if isinstance(ck.get('tokenizer'), dict) and 'token_kind' in ck['tokenizer']:
@@ -507,7 +524,7 @@ def legacy_tokenizer(path, ck, run_config, vocab_size, meta_path, notes):
     for p in candidates:
         if p.is_file():
             notes.append(f'tokenizer: read from {p}')
-            return read_json(p)['tokenizer'] if p.suffix == '.json' else read_meta_pkl(p)
+            return read_meta_file(p)
     if meta_path:
         raise CheckpointError(f'{meta_path} does not exist; expected a meta.json or nanoGPT meta.pkl vocabulary')
     if vocab_size >= 50257:
