@@ -58,62 +58,55 @@ def list_files(path):
     return 'Files: ' + ', '.join(f'{f} ({size(os.path.join(path, f))})' for f in files)
 
 
-def describe_classifier(ck):
-    """ finetune_hindi_xnli.py's bundle: its own config (a modded-nanogpt backbone and a classification head) """
-    config = ck.details
-    print(', '.join(f'{k}:{v}' for k, v in config.items() if not isinstance(v, (dict, list)) and k != 'format_version'))
-    if config.get('labels'):
-        print(f"labels: {', '.join(map(str, config['labels']))}")
-    if isinstance(config.get('pretrained'), dict):
-        print('pretrained: ' + ', '.join(f'{k}:{v}' for k, v in config['pretrained'].items()))
-    print()
-    print('=== TOKENIZER ===')
-    print('\n'.join(describe_tokenizer(ck.tokenizer)))
-    print()
-    print('=== TRAINING STATE ===')
-    print(f'Last recorded training step: {ck.step}')
-    metrics = ck.training_state.get('metrics') or {}
-    shown = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    if shown:
-        print('Validation: ' + ', '.join(f'{k} {v:.4f}' for k, v in shown.items()))
-    print(f"Optimizer state: {'optimizer.pt' if os.path.exists(ck.file('optimizer.pt')) else 'none'}")
-
-
-def main(args):
-    ck = open_checkpoint(args)
-    print('=== FORMAT ===')
-    print(ck.title)
-    print(f'Location: {ck.path}')
-    print(list_files(ck.path) if os.path.isdir(ck.path) else f'Size: {size(ck.path)}')
-    print()
-    print('=== CONFIG ===')
-    if ck.config is None:
-        return describe_classifier(ck)
+def gpt_config(ck):
     try:
         ck.weights() # the config is checked against the weights' own shapes: what is printed is what they are
     except CheckpointError as e:
         ck.notes.append(f'the config above was not confirmed by the weights: {e}')
-    config = {k: v for k, v in vars(ck.config).items() if k not in ADAPTER_FIELDS}
-    print(', '.join(f'{k}:{v}' for k, v in config.items()))
+    lines = [', '.join(f'{k}:{v}' for k, v in vars(ck.config).items() if k not in ADAPTER_FIELDS)]
     run_config = ck.training_state.get('config') or {}
-    if run_config:
-        keys = [k for k in ('dataset', 'batch_size', 'block_size', 'learning_rate', 'max_iters', 'device', 'dtype') if k in run_config]
-        print('run: ' + ', '.join(f'{k}:{run_config[k]}' for k in keys))
-    print()
-    print('=== TOKENIZER ===')
-    print('\n'.join(describe_tokenizer(ck.tokenizer)))
-    print()
-    print('=== TRAINING STATE ===')
-    print(f'Last recorded training step: {ck.step}')
-    for key, label in (('best_val_loss', 'Best val loss'), ('val_loss', 'Val loss of these weights')):
-        if ck.training_state.get(key) is not None:
-            print(f'{label}: {ck.training_state[key]:.4f}')
-    print(f"Trained with adapters: {describe_adapters(ck.training_state.get('adapter') or {})}")
-    print(f'Optimizer state: {describe_optimizer(ck)}')
+    keys = [k for k in ('dataset', 'batch_size', 'block_size', 'learning_rate', 'max_iters', 'device', 'dtype') if k in run_config]
+    return lines + (['run: ' + ', '.join(f'{k}:{run_config[k]}' for k in keys)] if keys else [])
+
+
+def gpt_state(ck):
+    lines = [f'{label}: {ck.training_state[key]:.4f}' for key, label in
+             (('best_val_loss', 'Best val loss'), ('val_loss', 'Val loss of these weights'))
+             if ck.training_state.get(key) is not None]
+    lines += [f"Trained with adapters: {describe_adapters(ck.training_state.get('adapter') or {})}",
+              f'Optimizer state: {describe_optimizer(ck)}']
     if ck.training_state.get('adapter_file'):
-        print(f"Adapter factors: {ck.training_state['adapter_file']} (restored when resuming with the same adapters)")
-    for note in ck.notes:
-        print(f'Note: {note}')
+        lines.append(f"Adapter factors: {ck.training_state['adapter_file']} (restored when resuming with the same adapters)")
+    return lines
+
+
+def classifier_config(ck):
+    """ finetune_hindi_xnli.py's bundle: its own config (a modded-nanogpt backbone and a classification head) """
+    config = ck.details
+    lines = [', '.join(f'{k}:{v}' for k, v in config.items() if not isinstance(v, (dict, list)) and k != 'format_version')]
+    if config.get('labels'):
+        lines.append(f"labels: {', '.join(map(str, config['labels']))}")
+    if isinstance(config.get('pretrained'), dict):
+        lines.append('pretrained: ' + ', '.join(f'{k}:{v}' for k, v in config['pretrained'].items()))
+    return lines
+
+
+def classifier_state(ck):
+    metrics = {k: v for k, v in (ck.training_state.get('metrics') or {}).items() if isinstance(v, float)}
+    lines = ['Validation: ' + ', '.join(f'{k} {v:.4f}' for k, v in metrics.items())] if metrics else []
+    return lines + [f"Optimizer state: {'optimizer.pt' if os.path.exists(ck.file('optimizer.pt')) else 'none'}"]
+
+
+def main(args):
+    ck = open_checkpoint(args)
+    gpt = ck.config is not None # else a checkpoint of another kind of model (KINDS' gpt=False rows)
+    where = list_files(ck.path) if os.path.isdir(ck.path) else f'Size: {size(ck.path)}'
+    sections = {'FORMAT': [ck.title, f'Location: {ck.path}', where],
+                'CONFIG': gpt_config(ck) if gpt else classifier_config(ck),
+                'TOKENIZER': describe_tokenizer(ck.tokenizer),
+                'TRAINING STATE': [f'Last recorded training step: {ck.step}'] + (gpt_state(ck) if gpt else classifier_state(ck))
+                                  + [f'Note: {note}' for note in ck.notes]}
+    print('\n\n'.join(f'=== {name} ===\n' + '\n'.join(lines) for name, lines in sections.items()))
 
 
 if __name__ == '__main__':
