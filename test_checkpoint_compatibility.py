@@ -23,7 +23,9 @@ from tests.helpers import (TINY_LORA_CONFIG, losses_by_iter, make_nanogpt_checkp
                            run_train)
 
 RESUME_TOLERANCE = 1e-4  # |first evaluation after resume - evaluation stored at save|
-TRAJECTORY_TOLERANCE = 1e-4  # relative difference of losses, resumed vs uninterrupted
+# relative difference of the printed losses, resumed vs uninterrupted: standard runs repeat exactly (measured 0.0);
+# LoRA's base - B@A*s on resume rounds differently in fp32 (measured 2.9e-7)
+TRAJECTORY_TOLERANCE = {'standard': 0.0, 'lora': 1e-6}
 LORA = ['--attn_lora_rank', 4, '--mlp_lora_rank', 4, '--embedding_mode', 'lora', '--embedding_rank', 4, '--lora_alpha', 8.0]
 
 
@@ -71,26 +73,26 @@ def test_rank_change(tmp_path):
     assert 'optimizer: state carried over for 2 parameter tensors, fresh for 16' in out, out
 
 
-def check_same_config_resume(tmp_path, extra):
+def check_same_config_resume(tmp_path, extra, tolerance):
     full = run_train(tmp_path, *extra, '--out_dir', 'full', '--max_iters', 30, '--dropout', 0.1)
     run_train(tmp_path, *extra, '--out_dir', 'cut', '--max_iters', 10, '--dropout', 0.1)
     resumed = run_train(tmp_path, *extra, '--out_dir', 'cut', '--init_from', 'resume', '--max_iters', 30, '--dropout', 0.1)
     a, b = losses_by_iter(full), losses_by_iter(resumed)
     assert sorted(b) == list(range(10, 30))
     worst = max(abs(a[i] - b[i]) / a[i] for i in b)
-    assert worst < TRAJECTORY_TOLERANCE, f'resumed losses differ by {worst:.2e} relative'
+    assert worst <= tolerance, f'resumed losses differ by {worst:.2e} relative'
     return resumed
 
 
 def test_same_config_resume_standard(tmp_path):
     """same-config resume (standard): interrupted + resumed losses equal an uninterrupted run's"""
-    out = check_same_config_resume(tmp_path, [])
+    out = check_same_config_resume(tmp_path, [], TRAJECTORY_TOLERANCE['standard'])
     assert 'optimizer: state carried over for 15 parameter tensors, fresh for 0' in out  # wte, wpe, 2 x 6, ln_f
 
 
 def test_same_config_resume_lora(tmp_path):
     """same-config resume (LoRA): adapters and their optimizer state restored, trajectory unchanged"""
-    out = check_same_config_resume(tmp_path, [TINY_LORA_CONFIG])
+    out = check_same_config_resume(tmp_path, [TINY_LORA_CONFIG], TRAJECTORY_TOLERANCE['lora'])
     assert '9 adapters restored' in out and 'state carried over for 18 parameter tensors, fresh for 0' in out
 
 

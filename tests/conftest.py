@@ -9,13 +9,15 @@ controller prints each table: its columns are the union of its rows' keys, in th
 - rows with an 'order' key are printed sorted by it (workers finish in any order); the key itself is not shown;
 - a table whose rows are {'row', 'column', 'cell'} is printed as a grid (row labels down, column labels across);
 - a column named 'outcome' is counted under the table ("cells by outcome: 18 passed-this-way, ...").
-Any table name works (a plain file name), so the fault-injection table of the root conftest.py can move here.
+Any table name works (a plain file name). The fault-injection suite (tests/test_reliability.py) records each fault
+it tried through `record_fault`, and its table of faults per class, outcomes and data lost is printed in its own form.
 """
 
 import json
 import os
 import shutil
 import tempfile
+from collections import defaultdict
 
 import pytest
 
@@ -29,6 +31,12 @@ def is_controller(config):
 def pytest_configure(config):
     # tests/test_resume_matrix.py groups its cells for xdist's --dist loadgroup; declared here for runs without xdist
     config.addinivalue_line('markers', 'xdist_group(name): run these tests in one xdist worker (--dist loadgroup)')
+    if not is_controller(config):
+        # each of xdist's workers has a core: one thread, for its tests and the scripts they run (two threads a
+        # worker on two cores spin-wait for each other, and the suite took 1.5x the CPU time)
+        os.environ['OMP_NUM_THREADS'] = '1'
+        import torch
+        torch.set_num_threads(1)
     if is_controller(config):
         config._checkpoint_tables = tempfile.mkdtemp(prefix='checkpoint-test-tables-')
         config._checkpoint_tables_before = os.environ.get(TABLES_ENV)
@@ -67,6 +75,31 @@ def record_row():
     return append_row
 
 
+@pytest.fixture
+def record_fault():
+    # `lost` has no default: each test says what it checked (the data that survived the fault, or the input a
+    # tool refused), so the column counts findings, never an assumption
+    def record(fault_class, outcome, *, lost):
+        append_row('faults', order=0, fault_class=fault_class, outcome=outcome, lost=bool(lost))
+    return record
+
+
+def format_faults(rows):
+    """ the fault-injection summary: per class, how many faults were tried, how much data was lost, the outcomes """
+    table = defaultdict(lambda: {'tried': 0, 'outcomes': defaultdict(int), 'lost': 0})
+    for row in rows:
+        entry = table[row['fault_class']]
+        entry['tried'] += 1
+        entry['outcomes'][row['outcome']] += 1
+        entry['lost'] += int(row['lost'])
+    lines = ['fault injection summary', f"{'fault class':<34} {'tried':>5}  {'data lost':>9}  outcomes"]
+    for name, entry in table.items():
+        outcomes = ', '.join(f'{n} {what}' for what, n in sorted(entry['outcomes'].items()))
+        lines.append(f"{name:<34} {entry['tried']:>5}  {entry['lost']:>9}  {outcomes}")
+    return lines + [f"{'total':<34} {sum(e['tried'] for e in table.values()):>5}  "
+                    f"{sum(e['lost'] for e in table.values()):>9}"]
+
+
 def read_tables(directory):
     tables = {}
     for name in sorted(os.listdir(directory)):
@@ -96,6 +129,11 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     for table, rows in read_tables(directory).items():
         if not rows:
+            continue
+        if table == 'faults':
+            terminalreporter.write_line('')
+            for line in format_faults(rows):
+                terminalreporter.write_line(line)
             continue
         terminalreporter.write_sep('=', f'{table} ({len(rows)} rows)')
         # rows that say where they belong ('order') are printed in that order, whichever worker finished first

@@ -1,7 +1,9 @@
 """
-The bundle format, legacy readers, CheckpointManager and the command-line tools (inspect, generate, convert).
+The bundle format, legacy readers, CheckpointManager and the command-line tools (inspect, generate, convert);
+the optimizer state by name and the random state; the training helpers train.py and GPT.fit share.
 """
 
+import copy
 import hashlib
 import json
 import os
@@ -11,7 +13,9 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from core.checkpoint import (CheckpointError, CheckpointManager, read_checkpoint, read_meta_pkl, save_bundle)
+from core.checkpoint import (CheckpointError, CheckpointManager, apply_optimizer_state, named_optimizer_state,
+                             positional_names, read_checkpoint, read_meta_pkl, rng_state, save_bundle, set_rng_state)
+from core.training import estimate_loss, get_lr, save_checkpoint, set_lr, train_step
 from tests.helpers import make_nanogpt_checkpoint, run_script, run_train
 
 CHARS = sorted(set('abcdefghij klmnop\n'))
@@ -222,3 +226,194 @@ def test_fast_load_is_tied_trainable_and_exact(tmp_path):
     loaded(ids, ids)[1].backward()
     opt.step()
     assert not torch.equal(before, loaded.lm_head.weight) and torch.equal(loaded.lm_head.weight, loaded.transformer.wte.weight)
+
+
+# -----------------------------------------------------------------------------
+# optimizer state by name, random state, adapters on load
+
+def test_optimizer_state_is_named_by_configure_optimizers_order():
+    model, optimizer, _ = trained_model()
+    by_object = named_optimizer_state(model, optimizer)
+    by_position = named_optimizer_state(model, optimizer.state_dict()) # nanoGPT's ckpt.pt holds this
+    for named in (by_object, by_position):
+        assert [g['weight_decay'] for g in named['param_groups']] == [0.1, 0.0]
+        assert [len(g['params']) for g in named['param_groups']] == [len(g) for g in model.optimizer_groups()]
+        for name, p in model.named_parameters():
+            assert torch.equal(named['state'][name]['exp_avg'], optimizer.state[p]['exp_avg']), name
+    assert by_object['param_groups'] == by_position['param_groups']
+    assert [g['params'] for g in by_object['param_groups']] == [[n for n, _ in g] for g in model.optimizer_groups()]
+    # a positional state that does not fit this model's groups or shapes is refused, never named wrongly
+    for change in (dict(n_layer=3), dict(n_embd=32)):
+        other = GPT(GPTConfig(**{**TINY, **change}))
+        assert positional_names(other, optimizer.state_dict()) is None
+        with pytest.raises(CheckpointError, match='configure_optimizers'):
+            named_optimizer_state(other, optimizer.state_dict())
+
+
+def test_optimizer_state_carried_over_where_name_and_shape_match():
+    model, optimizer, ids = trained_model()
+    named = named_optimizer_state(model, optimizer)
+    other = GPT(GPTConfig(**{**TINY, 'vocab_size': len(CHARS) + 3})) # the token table changed shape, nothing else
+    opt = other.configure_optimizers(0.1, 5e-3, (0.9, 0.95), 'cpu')
+    kept, fresh = apply_optimizer_state(other, opt, named)
+    params = dict(other.named_parameters())
+    assert (kept, fresh) == (len(params) - 1, 1)
+    assert params['transformer.wte.weight'] not in opt.state # fresh: a state of another shape is never applied
+    for name, p in params.items():
+        if name != 'transformer.wte.weight':
+            assert torch.equal(opt.state[p]['exp_avg'], named['state'][name]['exp_avg']), name
+            assert torch.equal(opt.state[p]['step'], named['state'][name]['step']), name
+    assert [(g['lr'], g['betas']) for g in opt.param_groups] == [(5e-3, (0.9, 0.95))] * 2 # this run's hyperparameters
+    other(ids, ids)[1].backward()
+    opt.step() # the state fits the parameters it was given to
+    assert apply_optimizer_state(other, opt, None) == (0, len(params)) # no state: everything fresh
+
+
+def test_optimizer_state_of_adapter_layers_goes_by_standard_names():
+    model, optimizer, _ = trained_model(attn_lora_rank=2, lora_train_norms_biases=True)
+    named = named_optimizer_state(model, optimizer)
+    assert 'transformer.h.0.attn.c_attn.bias' in named['state'] and not any('main_weight' in k for k in named['state'])
+    # the norms and biases the LoRA run trained carry over into a standard model, the factors have no place there
+    standard = GPT(GPTConfig(**TINY))
+    kept, fresh = apply_optimizer_state(standard, standard.configure_optimizers(0.1, 1e-3, (0.9, 0.99), 'cpu'), named)
+    assert kept == sum(1 for k in named['state'] if 'lora_' not in k) == 2 * 8 + 2
+    assert fresh == 2 + 2 * 4 # wte, wpe and the matrices, which the LoRA run kept frozen
+    # and into the same adapters, everything, biases found under their standard names
+    lora = GPT(GPTConfig(**TINY, attn_lora_rank=2, lora_train_norms_biases=True))
+    opt = lora.configure_optimizers(0.1, 1e-3, (0.9, 0.99), 'cpu')
+    assert apply_optimizer_state(lora, opt, named) == (len(named['state']), 0)
+    bias = lora.transformer.h[0].attn.c_attn.main_weight.bias
+    assert torch.equal(opt.state[bias]['exp_avg'], named['state']['transformer.h.0.attn.c_attn.bias']['exp_avg'])
+
+
+def test_legacy_lora_file_is_merged_with_its_alpha(tmp_path):
+    model, _, ids = trained_model(attn_lora_rank=2, lora_alpha=8.0)
+    config = {k: getattr(model.config, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size',
+                                                    'attn_lora_rank', 'lora_alpha')}
+    torch.save({'model': model.state_dict(), 'step': 2, 'tokenizer': model.tokenizer_spec, 'config': config},
+               tmp_path / 'latest.pt') # an older single file: the LoRA-shaped state dict, factors and all
+    loaded, report = read_checkpoint(tmp_path / 'latest.pt').build_model()
+    assert len(report['merged_source_lora']) == 4
+    with torch.no_grad():
+        assert (loaded.eval()(ids, ids)[0] - model(ids, ids)[0]).abs().max() < 1e-5
+
+
+def test_rng_state_round_trips_through_json():
+    torch.manual_seed(3)
+    state = json.loads(json.dumps(rng_state())) # as training_state.json stores it
+    drawn = torch.rand(5)
+    torch.rand(7)
+    set_rng_state(state)
+    assert torch.equal(torch.rand(5), drawn)
+    if not torch.cuda.is_available(): # a GPU run's state (it has 'cuda' entries) resumes on a CPU: those are skipped
+        set_rng_state({**state, 'cuda': [state['torch']]})
+        assert torch.equal(torch.rand(5), drawn)
+
+
+def test_same_adapters_are_restored_other_alpha_starts_fresh(tmp_path):
+    model, optimizer, ids = trained_model(attn_lora_rank=2, lora_alpha=8.0)
+    save_bundle(tmp_path, model, 2, optimizer)
+    ck = read_checkpoint(tmp_path)
+    same, report = ck.build_model(attn_lora_rank=2, lora_alpha=8.0)
+    assert len(report['restored_lora']) == 4 and report['fresh_lora'] == []
+    for k, v in model.state_dict().items():
+        if 'lora_' in k:
+            assert torch.equal(same.state_dict()[k], v), k # the factors the run trained, to continue it exactly
+    # another alpha: the saved factors would mean another update, so the adapters start fresh over the merged base
+    other, report = ck.build_model(attn_lora_rank=2, lora_alpha=4.0)
+    assert report['restored_lora'] == [] and len(report['fresh_lora']) == 4
+    with torch.no_grad():
+        for loaded in (same.eval(), other.eval()):
+            assert (loaded(ids, ids)[0] - model(ids, ids)[0]).abs().max() < 1e-5
+
+
+# -----------------------------------------------------------------------------
+# the training helpers (core/training.py)
+
+def test_lr_schedule_is_nanogpts():
+    lr = lambda it: get_lr(it, 1e-3, 10, 100, 1e-4)
+    assert [lr(0), lr(4), lr(9)] == [1e-3 * 1 / 11, 1e-3 * 5 / 11, 1e-3 * 10 / 11] # linear warmup
+    assert lr(10) == 1e-3 and lr(100) == pytest.approx(1e-4, abs=1e-12) and lr(101) == lr(10**6) == 1e-4
+    assert get_lr(10, 1e-3, 10, 10, 1e-4) == 1e-4 # warmup straight into min_lr: no decay to divide by
+    assert lr(55) == pytest.approx((1e-3 + 1e-4) / 2) # cosine: halfway down at the middle of the decay
+    decay = [lr(it) for it in range(10, 101)]
+    assert all(a > b for a, b in zip(decay, decay[1:])) # falls all the way, never rises
+    assert get_lr(55, 1e-3, 10, 100, 1e-4, decay_lr=False) == get_lr(0, 1e-3, 10, 100, 1e-4, decay_lr=False) == 1e-3
+    optimizer = trained_model()[1]
+    set_lr(optimizer, 0.5)
+    assert [g['lr'] for g in optimizer.param_groups] == [0.5, 0.5]
+
+
+def tiny_batches(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, len(CHARS), (2, 16), generator=g), torch.randint(0, len(CHARS), (2, 16), generator=g))
+            for _ in range(n)]
+
+
+def test_train_step_accumulates_clips_and_prefetches():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY))
+    reference = copy.deepcopy(model)
+    batches = tiny_batches(3)
+    fetched, syncs = iter(batches[1:]), []
+    def next_batch():
+        syncs.append(model.require_backward_grad_sync)
+        return next(fetched)
+    # plain SGD with lr 1: the update is minus the gradient, so the gradient itself is checked
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    loss, pending = train_step(model, optimizer, batches[0], next_batch, grad_accum_steps=2, grad_clip=0.0, ddp=True)
+    assert pending[0] is batches[2][0] and syncs == [False, True] # DDP syncs gradients on the last micro-step only
+    losses = [reference(*b)[1] for b in batches[:2]]
+    (sum(losses) / 2).backward() # accumulation: the gradient of the mean loss over the micro-batches
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q - q.grad, rtol=0, atol=1e-6)
+    assert loss == pytest.approx(losses[1].item(), abs=1e-6) # the last micro-batch's loss, unscaled
+    assert all(p.grad is None for p in model.parameters())
+    # clipping: the whole gradient scaled to norm grad_clip, so the SGD update has exactly that norm
+    before = [p.detach().clone() for p in model.parameters()]
+    train_step(model, optimizer, batches[0], lambda: batches[1], grad_clip=1e-3)
+    update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    assert update.norm().item() == pytest.approx(1e-3, rel=1e-4)
+    # float16 training's scaled loss: the gradients are unscaled before they are clipped
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 16)
+    train_step(model, optimizer, batches[0], lambda: batches[1], scaler=scaler, grad_clip=1e-3)
+    update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    assert update.norm().item() == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_estimate_loss_is_the_same_sample_each_time_in_eval_mode():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY, 'dropout': 0.5})) # in training mode, every forward would differ
+    data = {'train': torch.randint(0, len(CHARS), (200,)), 'val': torch.randint(0, len(CHARS), (200,))}
+    calls = []
+    def get_batch(split, generator):
+        calls.append((split, model.training))
+        ix = torch.randint(len(data[split]) - 16, (2,), generator=generator)
+        return (torch.stack([data[split][i:i + 16] for i in ix]), torch.stack([data[split][i + 1:i + 17] for i in ix]))
+    rng = torch.get_rng_state()
+    out = estimate_loss(model, get_batch, 3)
+    assert torch.equal(torch.get_rng_state(), rng) # training's random stream is not disturbed
+    assert calls == [('train', False)] * 3 + [('val', False)] * 3 and model.training # eval mode, then back
+    assert estimate_loss(model, get_batch, 3) == out # the same batches every time
+    model.eval()
+    for split in ('train', 'val'): # the mean over the batches a generator seeded 1337 draws
+        g = torch.Generator().manual_seed(1337)
+        expected = sum(model(*get_batch(split, g))[1].item() for _ in range(3)) / 3
+        assert out[split] == pytest.approx(expected, abs=1e-6)
+
+
+def test_save_checkpoint_stores_the_pending_batch_random_state(tmp_path):
+    model, optimizer, _ = trained_model()
+    torch.manual_seed(5)
+    rng = rng_state() # the state the pending batch was drawn from; the stream has moved on since
+    torch.rand(10)
+    scaler = torch.amp.GradScaler('cpu', enabled=True)
+    save_checkpoint(tmp_path / 'a', model, optimizer, 7, 1.5, 1.25, run_config={'dataset': 'x'}, scaler=scaler, rng=rng)
+    state = json.loads((tmp_path / 'a' / 'training_state.json').read_text())
+    assert [state[k] for k in ('step', 'best_val_loss', 'val_loss', 'config')] == [7, 1.5, 1.25, {'dataset': 'x'}]
+    assert state['rng'] == rng and state['scaler'] == scaler.state_dict()
+    now = rng_state() # without one: the state at the save
+    save_checkpoint(tmp_path / 'b', model, None, 7, 1.5, 1.25, scaler=torch.amp.GradScaler('cpu', enabled=False))
+    state = json.loads((tmp_path / 'b' / 'training_state.json').read_text())
+    assert state['rng'] == now and 'scaler' not in state and state['optimizer_file'] is None

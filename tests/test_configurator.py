@@ -1,8 +1,10 @@
+import os
 import types
 
 import pytest
 
 from configurator import ConfigError, apply_config
+from tests.helpers import run_script
 
 
 def defaults():
@@ -91,11 +93,16 @@ def test_none_default_accepts_anything(raw, expected):
     assert apply_config(defaults(), ['--resume_from', raw])['resume_from'] == expected
 
 
-def test_unknown_cli_key_suggests_close_match():
+def test_unknown_cli_key_suggests_close_match(tmp_path):
     with pytest.raises(ConfigError) as e:
         apply_config(defaults(), ['--max_iter', '5'])
-    assert isinstance(e.value, ValueError)
     assert str(e.value) == "Unknown config key 'max_iter' (from the command line). Did you mean: max_iters?"
+    # what a user sees: train.py prints that one line (its own keys as the close matches) and exits 1, before
+    # any work and without a traceback
+    code, out = run_script('train.py', '--max_iter', 5, cwd=tmp_path, ok=False)
+    assert code == 1 and os.listdir(tmp_path) == [], out
+    assert out.strip() == ("error: Unknown config key 'max_iter' (from the command line). "
+                           "Did you mean: max_iters, eval_iters, warmup_iters?")
 
 
 def test_unknown_key_without_close_match_lists_keys():

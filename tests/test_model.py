@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from model import (GPT, GPTConfig, LoRAEmbedding, LoRALinear, CheckpointMismatchError,
+from model import (GPT, GPTConfig, LoRAEmbedding, LoRALinear, CheckpointMismatchError, check_state_dict_fits,
                    load_universal_state_dict)
 
 TINY = dict(block_size=16, vocab_size=67, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
@@ -117,7 +117,7 @@ def test_standard_state_loads_into_lora_model_with_identical_logits():
     report = load_universal_state_dict(lora, standard.state_dict())
     idx = batch()
     torch.testing.assert_close(logits_of(lora, idx), logits_of(standard, idx), rtol=0, atol=1e-5)
-    assert report['remapped'] > 0
+    assert report['remapped'] == 2 * 8 + 1 # per layer c_attn, c_proj, c_fc, mlp.c_proj: weight and bias; wte
     assert 'transformer.wte' in report['fresh_lora'] and 'transformer.h.1.mlp.c_proj' in report['fresh_lora']
 
 
@@ -188,18 +188,58 @@ def test_other_architecture_raises_clear_error_and_changes_nothing(change):
         assert torch.equal(v, before[k]), k
 
 
+@pytest.mark.parametrize('on_meta', [False, True])
+@pytest.mark.parametrize('adapters', [{}, dict(attn_lora_rank=2), dict(mlp_lora_rank=2)])
+@pytest.mark.parametrize('bias', [True, False])
+def test_a_missing_weight_is_refused_and_changes_nothing(bias, adapters, on_meta):
+    """ only LoRA factors may be missing: a missing base weight is named, and the model is left as it was """
+    sd = make(seed=3, bias=bias).state_dict()
+    del sd['transformer.h.0.mlp.c_fc.weight']
+    config = GPTConfig(**{**TINY, 'bias': bias, **adapters})
+    target = GPT.on_meta(config) if on_meta else perturb_adapters(make(seed=4, bias=bias, **adapters))
+    before = copy.deepcopy(target.state_dict())
+    trainable = [p.requires_grad for p in target.parameters()]
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_universal_state_dict(target, sd, source='ckpt.pt')
+    key = 'transformer.h.0.mlp.c_fc.' + ('main_weight.weight' if adapters.get('mlp_lora_rank') else 'weight')
+    assert f'1 keys are missing from ckpt.pt: {key}.' in str(err.value) and 'Nothing was loaded' in str(err.value)
+    after = target.state_dict()
+    assert list(after) == list(before) and trainable == [p.requires_grad for p in target.parameters()]
+    for k, v in before.items():
+        assert (after[k].is_meta if on_meta else torch.equal(after[k], v)), k # nothing assigned, copied or reset
+    # the rule itself: only the keys allowed to be missing may be
+    target = make(**adapters).state_dict()
+    mapped = {k: v for k, v in target.items() if k != key}
+    with pytest.raises(CheckpointMismatchError, match=f'1 keys are missing from x: {key}'):
+        check_state_dict_fits(target, mapped, 'x', 'GPT', allowed_missing=[k for k in target if 'lora_' in k])
+    check_state_dict_fits(target, mapped, 'x', 'GPT', allowed_missing=[key])
+
+
 def test_untied_head_is_refused():
     sd = make().state_dict()
     sd['lm_head.weight'] = sd['lm_head.weight'].clone() + 1.0
     with pytest.raises(CheckpointMismatchError, match='ties'):
         load_universal_state_dict(make(), sd)
+    sd['lm_head.weight'] = sd['transformer.wte.weight'].clone() # an equal copy (safetensors stores no sharing): tied
+    target = make(seed=1)
+    load_universal_state_dict(target, sd)
+    assert torch.equal(target.lm_head.weight, sd['transformer.wte.weight'])
 
 
-def test_merge_refuses_nan_adapter():
+def test_lora_factors_that_do_not_fit_their_weight_are_refused():
+    sd = perturb_adapters(make(attn_lora_rank=4)).state_dict()
+    sd['transformer.h.0.attn.c_attn.lora_B.weight'] = torch.zeros(5, 4) # B [out, r] made for a 5-wide layer
+    with pytest.raises(CheckpointMismatchError, match=r'A \[4, 32\], B \[5, 4\] do not fit a weight of shape \[96, 32'):
+        load_universal_state_dict(make(), sd, lora_alpha=1.0)
+
+
+@pytest.mark.parametrize('value', [float('nan'), float('inf')])
+def test_merge_refuses_nan_adapter(value):
     lora = make(attn_lora_rank=4)
-    with torch.no_grad():
-        lora.transformer.h[0].attn.c_proj.lora_B.weight[0, 0] = float('nan')
-    with pytest.raises(CheckpointMismatchError, match='NaN'):
+    with torch.no_grad(): # one bad entry of B, A positive: the update's row is all +inf (or NaN), no inf - inf
+        lora.transformer.h[0].attn.c_proj.lora_A.weight[0] = 1.0
+        lora.transformer.h[0].attn.c_proj.lora_B.weight[0, 0] = value
+    with pytest.raises(CheckpointMismatchError, match='NaN/inf'):
         lora.get_merged_state_dict()
 
 
