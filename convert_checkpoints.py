@@ -37,7 +37,7 @@ def convert(source, out_dir=None, force=False, meta=None):
     if existing and existing[0] == 'bundle' and not force:
         raise CheckpointError(f'{out_dir} already holds a bundle; pass --force to replace it, or --out DIR')
     model, _ = ck.build_model()
-    KINDS['bundle'].write(ck, model, out_dir)
+    KINDS['bundle'].write(ck, model, out_dir, force)
     reloaded, _ = read_checkpoint(out_dir).build_model()
     diff = max_logit_difference(model.eval(), reloaded.eval(), ck.config.vocab_size, ck.config.block_size)
     if diff > TOLERANCE:
@@ -73,7 +73,7 @@ def export(source, fmt, out, meta=None, force=False):
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)) and not force:
         raise CheckpointError(f'{out} already exists; pass --force to replace it, or name another output')
     model, _ = ck.build_model()
-    KINDS[fmt].write(ck, model, out)
+    KINDS[fmt].write(ck, model, out, force)
     reread = read_checkpoint(out)
     diff = max_logit_difference(model.eval(), reread.build_model()[0].eval(), ck.config.vocab_size, ck.config.block_size)
     if diff > TOLERANCE:

@@ -121,8 +121,16 @@ if config['n_embd'] % config['n_head']:
     fail(f"n_embd = {n_embd} is not divisible by n_head = {n_head}: each head gets n_embd / n_head dimensions")
 if not is_plain_name(dataset):
     fail(f'dataset = {dataset!r} is not a dataset name: it names a folder in data/ (e.g. pydocs_char), not a path')
+try:
+    torch.device(device)
+except RuntimeError:
+    fail(f"device = {device!r} is not a torch device: use 'cpu', 'cuda', 'cuda:1' or 'mps'")
 if device.startswith('cuda') and not torch.cuda.is_available():
     fail(f'device = {device!r}, but this machine has no CUDA GPU that torch can use; pass --device=cpu')
+if device.startswith('mps') and not torch.backends.mps.is_available():
+    fail(f'device = {device!r}, but torch has no MPS (Apple GPU) support here; pass --device=cpu')
+if model_name and not is_plain_name(model_name):
+    fail(f'model_name = {model_name!r} is not a name: checkpoints live in checkpoints/<model_name>, so no paths')
 
 if model_name:
     out_dir = config['out_dir'] = os.path.join('checkpoints', model_name) # seed 003's layout
@@ -269,7 +277,7 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if ckpt is not None:
     try:
-        kept, fresh = apply_optimizer_state(model, optimizer, ckpt.optimizer_state())
+        kept, fresh = apply_optimizer_state(model, optimizer, ckpt.optimizer_state(), report['fresh_lora'])
     except CheckpointError as e:
         fail(e)
     log(f"optimizer: state carried over for {kept} parameter tensors, fresh for {fresh}")
@@ -331,7 +339,7 @@ while True:
                        "mfu": running_mfu*100})
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
-            if iter_num > 0:
+            if iter_num > 0 and not eval_only: # an evaluation alone never rewrites the checkpoint it read
                 try:
                     save_checkpoint(out_dir, raw_model, optimizer if save_optimizer else None, iter_num,
                                     best_val_loss, losses['val'], config, scaler, rng_before_batch)

@@ -221,16 +221,19 @@ def positional_names(model, positional):
     return [n for n, _ in params]
 
 
-def apply_optimizer_state(model, optimizer, named):
+def apply_optimizer_state(model, optimizer, named, fresh_modules=()):
     """
     Carry state over by name for every parameter that exists in both runs with the same shape; the rest start
-    fresh. Hyperparameters (lr, weight decay, betas) are the current run's. Returns (kept, fresh) counts.
+    fresh, and so do the factors of adapters the load initialised afresh (`fresh_modules`: their old moments
+    belong to factors that are gone). Hyperparameters (lr, weight decay, betas) are the current run's.
+    Returns (kept, fresh) counts.
     """
     name_of = {id(p): standard_key(n) for n, p in model.named_parameters()}
+    reset = tuple(f'{m}.lora_' for m in fresh_modules)
     params = [p for g in optimizer.param_groups for p in g['params']]
     state = {}
     for i, p in enumerate(params):
-        s = (named or {}).get('state', {}).get(name_of[id(p)])
+        s = None if reset and name_of[id(p)].startswith(reset) else (named or {}).get('state', {}).get(name_of[id(p)])
         if s and all(v.shape == p.shape for v in s.values() if torch.is_tensor(v) and v.dim() > 0):
             state[i] = s
     optimizer.load_state_dict({'state': state, 'param_groups': optimizer.state_dict()['param_groups']})
@@ -543,22 +546,22 @@ class Kind:
     title: str          # what inspect_model.py calls it
     recognise: object   # Path -> the checkpoint's path, or None; None: named by content (read_legacy decides)
     read: object        # (path, meta_path) -> Checkpoint
-    write: object       # (checkpoint, standard model, out path) -> None: convert_checkpoints.py --to NAME; None: no writer
+    write: object       # (checkpoint, standard model, out path, force) -> None: convert --to NAME; None: no writer
     gpt: bool = True    # False: not a GPT language model; inspected, and refused by train, generate and convert
 
 
-def write_bundle(ck, model, out):
+def write_bundle(ck, model, out, force=False):
     save_bundle(out, model, ck.step, ck.optimizer_state(), tokenizer=ck.tokenizer, best_val_loss=ck.best_val_loss,
                 val_loss=ck.training_state.get('val_loss'), run_config=ck.training_state.get('config'))
 
 
-def write_hf(ck, model, out):
+def write_hf(ck, model, out, force=False):
     export_hf(model, out)
 
 
-def write_nanogpt(ck, model, out):
+def write_nanogpt(ck, model, out, force=False):
     export_nanogpt(model, out, ck.step, ck.best_val_loss, ck.optimizer_state(), ck.tokenizer,
-                   run_config=ck.training_state.get('config'))
+                   run_config=ck.training_state.get('config'), replace_vocabulary=force)
 
 
 # The one table of checkpoint kinds. Every tool finds, names, reads and writes checkpoints through it, so a kind
@@ -646,7 +649,7 @@ class CheckpointManager:
             ck = self.load()
             model, report = ck.build_model(device, **adapter_config(config), dropout=config.dropout)
             print(describe_load(ck, report))
-            named, start_step = ck.optimizer_state(), ck.step
+            named, start_step, fresh_lora = ck.optimizer_state(), ck.step, report['fresh_lora']
         else:
             spec = char_spec(text) if token_kind == 'char' else {'token_kind': token_kind}
             vocab = load_tokenizer(spec).vocab_size
@@ -656,7 +659,7 @@ class CheckpointManager:
             model.tokenizer_spec, named, start_step = spec, None, 0
         optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, torch.device(device).type)
         if named is not None:
-            kept, fresh = apply_optimizer_state(model, optimizer, named)
+            kept, fresh = apply_optimizer_state(model, optimizer, named, fresh_lora)
             print(f'optimizer: state kept for {kept} tensors, fresh for {fresh}')
         return model, optimizer, start_step
 

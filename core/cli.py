@@ -18,6 +18,10 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 
 
 def check_device(device):
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise CheckpointError(f"--device {device!r} is not a torch device: use 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise CheckpointError(f'--device {device}: this machine has no CUDA GPU that torch can use; pass --device cpu')
 

@@ -101,7 +101,7 @@ def read_hf(path):
 # the public nanoGPT's ckpt.pt
 
 def export_nanogpt(model, path, step=0, best_val_loss=None, named_optimizer=None, tokenizer=None, weight_decay=0.1,
-                   learning_rate=6e-4, betas=(0.9, 0.95), run_config=None):
+                   learning_rate=6e-4, betas=(0.9, 0.95), run_config=None, replace_vocabulary=False):
     """
     A ckpt.pt that nanoGPT's sample.py and train.py --init_from=resume read unchanged: its seven model_args,
     the merged weights, and an AdamW state positioned the way its configure_optimizers orders parameters
@@ -131,15 +131,21 @@ def export_nanogpt(model, path, step=0, best_val_loss=None, named_optimizer=None
                   'model_args': {f: getattr(config, f) for f in NANOGPT_ARGS}, 'iter_num': int(step),
                   'best_val_loss': float(best_val_loss) if best_val_loss is not None else 1e9,
                   'config': {k: v for k, v in (run_config or {}).items() if isinstance(v, (int, float, str, bool))}}
+    meta = None
+    if tokenizer and tokenizer.get('token_kind') == 'char':
+        meta = {'vocab_size': len(tokenizer['chars']), 'itos': dict(enumerate(tokenizer['chars'])),
+                'stoi': {ch: i for i, ch in enumerate(tokenizer['chars'])}}
+        meta_path = Path(path).parent / 'meta.pkl'
+        if meta_path.is_file() and not replace_vocabulary and meta_path.read_bytes() != pickle.dumps(meta):
+            # another export's vocabulary: replacing it would make that export decode with ours
+            raise CheckpointError(f'{meta_path} holds another vocabulary (an earlier export beside it reads it); '
+                                  'export into a folder of its own, or pass --force to replace it')
     Path(path).parent.mkdir(parents=True, exist_ok=True) # nanoGPT's layout is out_dir/ckpt.pt: make out_dir
     # torch's zip CRC stays on here (unlike our bundles): the readers may run an older torch that checks it
     atomic_write(path, lambda f: torch.save(checkpoint, f))
     written = [str(path)]
-    if tokenizer and tokenizer.get('token_kind') == 'char':
+    if meta is not None:
         # the one pickle we write, because it is the target's format: builtin types only, as nanoGPT's prepare.py
-        meta = {'vocab_size': len(tokenizer['chars']), 'itos': dict(enumerate(tokenizer['chars'])),
-                'stoi': {ch: i for i, ch in enumerate(tokenizer['chars'])}}
-        meta_path = Path(path).parent / 'meta.pkl'
         atomic_write(meta_path, lambda f: pickle.dump(meta, f))
         written.append(str(meta_path))
     return written

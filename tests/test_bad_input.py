@@ -176,6 +176,8 @@ CASES = {
         ('config file missing', lambda d: ['config/nope.py'], "Config file not found: 'config/nope.py'"),
         ('config file that is not Python', lambda d: [file(d, 'notes.txt')], "Config file 'notes.txt' failed at line 1"),
         ('dataset with a path', lambda d: ['--dataset=../x'], "dataset = '../x' is not a dataset name"),
+        ('model_name with a path', lambda d: ['--model_name=../evil'], "model_name = '../evil' is not a name"),
+        ('--device=gpu', lambda d: ['--device=gpu'], "device = 'gpu' is not a torch device"),
         ('unknown dataset', lambda d: ['--dataset=nope'], "unknown dataset 'nope'"),
         ('block size longer than the data', lambda d: ['--block_size=1000000'], 'but a batch needs block_size + 1'),
         ('resume from nothing', lambda d: ['--resume_from=nope'], 'no checkpoint at nope'),

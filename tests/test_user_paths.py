@@ -117,3 +117,30 @@ def test_manifest_names_never_reach_outside_the_checkpoint(tmp_path):
         raise AssertionError('an optimizer file outside the checkpoint was accepted')
     except DamagedError as e:
         assert "'../x.pt'" in str(e)
+
+
+def test_a_second_export_never_replaces_another_vocabulary(tmp_path):
+    # two nanoGPT exports in one folder shared one meta.pkl: the second silently changed the first's vocabulary
+    save_bundle(tmp_path / 'a', tiny(bias=False), 3, None)
+    other = tiny(bias=False)
+    other.tokenizer_spec = {'token_kind': 'char', 'chars': CHARS[::-1]}
+    save_bundle(tmp_path / 'b', other, 3, None)
+    run_script('convert_checkpoints.py', tmp_path / 'a', '--to', 'nanogpt', 'exp/a.pt', cwd=tmp_path)
+    code, out = run_script('convert_checkpoints.py', tmp_path / 'b', '--to', 'nanogpt', 'exp/b.pt', cwd=tmp_path, ok=False)
+    assert code == 1 and 'exp/meta.pkl holds another vocabulary' in out and not (tmp_path / 'exp' / 'b.pt').exists()
+    assert read_checkpoint(tmp_path / 'exp' / 'a.pt').tokenizer['chars'] == CHARS
+    run_script('convert_checkpoints.py', tmp_path / 'b', '--to', 'nanogpt', 'exp/b.pt', '--force', cwd=tmp_path)
+    assert read_checkpoint(tmp_path / 'exp' / 'b.pt').tokenizer['chars'] == CHARS[::-1]
+
+
+def test_eval_only_and_a_new_alpha_leave_the_old_state_alone(tmp_path):
+    from tests.helpers import TINY_LORA_CONFIG, run_train
+    run_train(tmp_path, TINY_LORA_CONFIG, '--out_dir', 'lora', '--max_iters', 4)
+    before = {p.name: p.read_bytes() for p in (tmp_path / 'lora').iterdir()}
+    out = run_train(tmp_path, TINY_LORA_CONFIG, '--init_from', 'resume', '--out_dir', 'lora', '--eval_only', 'True')
+    assert 'resume check' in out and 'saving checkpoint' not in out
+    assert {p.name: p.read_bytes() for p in (tmp_path / 'lora').iterdir()} == before # nothing rewritten
+    # another lora_alpha: the adapters start fresh, and so does their optimizer state (the old moments were theirs)
+    out = run_train(tmp_path, TINY_LORA_CONFIG, '--resume_from', 'lora', '--out_dir', 'alpha', '--max_iters', 5,
+                    '--lora_alpha', 32.0)
+    assert '9 adapters initialised fresh' in out and 'state carried over for 0 parameter tensors, fresh for 18' in out
