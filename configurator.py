@@ -25,6 +25,9 @@ import difflib
 import os
 import types
 
+# under torchrun every process reads the config: only the first one says so
+say = print if os.environ.get('RANK', '0') == '0' else (lambda *args: None)
+
 # only globals holding plain values are config; modules, functions, classes never are
 SIMPLE_TYPES = (bool, int, float, str, type(None), tuple, list)
 
@@ -75,6 +78,9 @@ def iter_tb(tb):
 
 
 def apply_file(config, keys, path):
+    if os.path.isdir(path):
+        raise ConfigError(f"Config file {path!r} is a directory; expected a Python config file in it, "
+                          f"e.g. {os.path.join(path, 'train_standard.py')!r}")
     if not os.path.isfile(path):
         raise ConfigError(f"Config file not found: {path!r} "
                           "(positional arguments are config files; overrides look like --key=value)")
@@ -83,8 +89,8 @@ def apply_file(config, keys, path):
             src = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"Config file {path!r} could not be read as text ({e}); config files are Python files") from None
-    print(f"Overriding config with {path}:")
-    print(src)
+    say(f"Overriding config with {path}:")
+    say(src)
     # seed with the current values so a file can build on them (e.g. batch_size = batch_size * 2)
     seed = {k: config[k] for k in keys}
     ns = dict(seed)
@@ -128,5 +134,5 @@ def apply_config(config, argv):
             else:
                 raise ConfigError(f"--{key} needs a value (--{key}=value or --{key} value)")
         config[key] = check_type(key, parse_value(raw, config[key]), config[key])
-        print(f"Overriding: {key} = {config[key]}")
+        say(f"Overriding: {key} = {config[key]}")
     return config

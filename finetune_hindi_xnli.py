@@ -31,6 +31,7 @@ from load_checkpoint_helper import ModdedCheckpointError, load_pretrained_checkp
 from core.checkpoint import (JSON_FILES, CheckpointError, check_sizes, commit_directory, load_verified, read_json,
                              rng_state, save_tensors, set_rng_state, write_json)
 from core.args import Parser
+from core.cli import SetupError, check_device, start_wandb
 from core.commit import recover
 from core.tokenizer import TokenizerError, hf_spec_from_file, load_tokenizer
 
@@ -99,11 +100,9 @@ def get_args(argv=None):
         if not ok:
             p.error(f'--{flag} must be {expected}, found {getattr(args, flag)}')
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        p.error(f'--device {args.device!r} is not a torch device; expected cpu, cuda, cuda:N or mps')
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        p.error(f'--device {args.device}: this PyTorch sees no CUDA GPU; use --device cpu')
+        check_device(args.device)
+    except SetupError as e:
+        p.error(str(e))
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         p.error(f'--out_dir {args.out_dir} is a file; expected a directory (new or from an earlier run)')
     return args
@@ -390,6 +389,12 @@ def build_model(args, last_dir):
         model, config, spec = load_bundle(last_dir, args.device)
         model.drop.p = config['dropout'] = args.dropout
         check_arch(args, config, last_dir)
+        started = (config.get('pretrained') or {}).get('path')
+        if args.pretrained_ckpt_path and started and not same_file(args.pretrained_ckpt_path, started):
+            raise CheckpointError(f'--resume continues {last_dir}, which was fine-tuned from {started}, but '
+                                  f'--pretrained_ckpt_path names {args.pretrained_ckpt_path}: drop '
+                                  '--pretrained_ckpt_path to continue that run, or start the new one in another '
+                                  '--out_dir (or without --resume)')
         if args.tokenizer_name and hf_spec_from_file(args.tokenizer_name) != spec:
             raise TokenizerError(f'--tokenizer_name {args.tokenizer_name} is not the tokenizer {last_dir} was '
                                  'trained with')
@@ -406,6 +411,12 @@ def build_model(args, last_dir):
     check_arch(args, info, args.pretrained_ckpt_path)
     model = NLIClassifier(backbone, len(LABELS), args.dropout).to(args.device)
     return model, bundle_config(info, backbone.arch, args), hf_spec_from_file(args.tokenizer_name), None
+
+
+def same_file(a, b):
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.abspath(a) == os.path.abspath(b)
 
 
 def refuse_distributed_launch():
@@ -468,8 +479,7 @@ def main(args):
 
     run = None
     if args.wandb_log:
-        import wandb  # only when asked for: wandb is optional
-        run = wandb.init(project=args.wandb_project, name=args.wandb_run_name, config=vars(args))
+        run = start_wandb(args.wandb_project, args.wandb_run_name, vars(args))
 
     def training_state(kind, val):
         return {'step': step, 'epoch': step / steps_per_epoch, 'steps_per_epoch': steps_per_epoch,
@@ -552,7 +562,7 @@ if __name__ == '__main__':
     args = get_args()
     try:
         main(args)
-    except (ModdedCheckpointError, CheckpointError, TokenizerError, DataError, OSError) as e:
+    except (ModdedCheckpointError, CheckpointError, TokenizerError, DataError, SetupError, OSError) as e:
         if args.debug:
             traceback.print_exc()
         sys.exit(f'error: {e}')

@@ -341,7 +341,7 @@ class GPT(nn.Module):
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         return [(n, p) for n, p in params if p.dim() >= 2], [(n, p) for n, p in params if p.dim() < 2]
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, verbose=True):
         decay, nodecay = self.optimizer_groups()
         decay_params, nodecay_params = [p for _, p in decay], [p for _, p in nodecay]
         optim_groups = [
@@ -350,8 +350,9 @@ class GPT(nn.Module):
         ]
         num_decay_params = sum(p.numel() for p in decay_params)
         num_nodecay_params = sum(p.numel() for p in nodecay_params)
-        print(f"num decayed parameter tensors: {len(decay_params)}, with {num_decay_params:,} parameters")
-        print(f"num non-decayed parameter tensors: {len(nodecay_params)}, with {num_nodecay_params:,} parameters")
+        if verbose: # train.py: the first process only
+            print(f"num decayed parameter tensors: {len(decay_params)}, with {num_decay_params:,} parameters")
+            print(f"num non-decayed parameter tensors: {len(nodecay_params)}, with {num_nodecay_params:,} parameters")
         use_fused = device_type == 'cuda'
         return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, fused=use_fused)
 

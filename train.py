@@ -24,6 +24,7 @@ from model import GPTConfig, GPT, ADAPTER_FIELDS, BASE_FIELDS, CheckpointMismatc
 from configurator import apply_config, ConfigError
 from core.checkpoint import (CheckpointError, read_checkpoint, find_checkpoint, describe_load,
                              apply_optimizer_state, set_rng_state, rng_state)
+from core.cli import SetupError, check_device, start_wandb, tell_torchrun
 from core.commit import is_plain_name
 from core.tokenizer import TokenizerError
 from core.training import get_lr, set_lr, train_step, estimate_loss, save_checkpoint
@@ -96,8 +97,15 @@ except ConfigError as e:
 globals().update(config)
 # -----------------------------------------------------------------------------
 
+# what the run says, said once: under torchrun by the first process only (RANK 0), not once per process
+log = print if os.environ.get('RANK', '0') == '0' else (lambda *args: None)
+
 def fail(error):
-    # a clear message and a non-zero exit code, not a traceback from deep inside torch
+    # a clear message and a non-zero exit code, not a traceback from deep inside torch; under torchrun every
+    # process finds the same error, and the first one says it
+    tell_torchrun(f"error: {error}")
+    if os.environ.get('RANK', '0') != '0':
+        sys.exit(1)
     if debug:
         import traceback
         traceback.print_exc()
@@ -110,30 +118,40 @@ AT_LEAST_ONE = ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'eval
 AT_LEAST_ZERO = ('max_iters', 'warmup_iters', 'lr_decay_iters', 'n_hidden', 'attn_lora_rank', 'mlp_lora_rank',
                  'embedding_rank', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip')
 FRACTIONS = ('dropout', 'lora_dropout', 'beta1', 'beta2') # in [0, 1)
-for k in AT_LEAST_ONE + AT_LEAST_ZERO + FRACTIONS + tuple(CHOICES):
+POSITIVE = ('lora_alpha',) # the update is scaled by lora_alpha / rank: 0 would train adapters that change nothing
+for k in AT_LEAST_ONE + AT_LEAST_ZERO + FRACTIONS + POSITIVE + tuple(CHOICES):
     bound, v = (1 if k in AT_LEAST_ONE else 0), config[k]
-    wrong = (v not in CHOICES[k]) if k in CHOICES else (not 0 <= v < 1) if k in FRACTIONS else v < bound
+    wrong = ((v not in CHOICES[k]) if k in CHOICES else (not 0 <= v < 1) if k in FRACTIONS else
+             not v > 0 if k in POSITIVE else not v >= bound) # written so that NaN fails each
     if wrong:
         expected = (f'one of {", ".join(CHOICES[k])}' if k in CHOICES else 'at least 0 and below 1' if k in FRACTIONS
-                    else f'at least {bound}')
+                    else 'above 0' if k in POSITIVE else f'at least {bound}')
         fail(f'{k} = {v!r} cannot be used: it must be {expected}')
 if config['n_embd'] % config['n_head']:
     fail(f"n_embd = {n_embd} is not divisible by n_head = {n_head}: each head gets n_embd / n_head dimensions")
 if not is_plain_name(dataset):
     fail(f'dataset = {dataset!r} is not a dataset name: it names a folder in data/ (e.g. pydocs_char), not a path')
 try:
-    torch.device(device)
-except RuntimeError:
-    fail(f"device = {device!r} is not a torch device: use 'cpu', 'cuda', 'cuda:1' or 'mps'")
-if device.startswith('cuda') and not torch.cuda.is_available():
-    fail(f'device = {device!r}, but this machine has no CUDA GPU that torch can use; pass --device=cpu')
-if device.startswith('mps') and not torch.backends.mps.is_available():
-    fail(f'device = {device!r}, but torch has no MPS (Apple GPU) support here; pass --device=cpu')
+    check_device(device, name='device =', fix='--device=cpu')
+except SetupError as e:
+    fail(e)
 if model_name and not is_plain_name(model_name):
     fail(f'model_name = {model_name!r} is not a name: checkpoints live in checkpoints/<model_name>, so no paths')
+if resume_from and init_from not in ('scratch', 'resume') and os.path.abspath(resume_from) != os.path.abspath(init_from):
+    fail(f'init_from = {init_from!r} and resume_from = {resume_from!r} name two checkpoints: pass one of them')
+# an adapter setting that the other settings switch off is said, never silently dropped
+if embedding_mode == 'lora' and embedding_rank == 0:
+    log("note: embedding_mode = 'lora' with embedding_rank = 0: the embedding stays standard (pass --embedding_rank=N)")
+if embedding_mode == 'standard' and embedding_rank > 0:
+    log(f"note: embedding_rank = {embedding_rank} is not used: embedding_mode = 'standard' (pass "
+          "--embedding_mode=lora for LoRA on the token embedding)")
 
 if model_name:
+    if out_dir != 'out':
+        log(f"note: out_dir = {out_dir!r} is not used: with model_name, checkpoints live in checkpoints/{model_name}")
     out_dir = config['out_dir'] = os.path.join('checkpoints', model_name) # seed 003's layout
+if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    fail(f'out_dir = {out_dir!r} is a file: checkpoints are written as a directory there; name a directory')
 
 # various inits, derived attributes, I/O setup
 ddp = int(os.environ.get('RANK', -1)) != -1 # is this a ddp run?
@@ -161,9 +179,6 @@ else:
     master_process = True
     seed_offset = 0
     ddp_world_size = 1
-log = print if master_process else lambda *args: None # what the run says, said once (not once per process)
-if master_process:
-    os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed + seed_offset)
 torch.backends.cuda.matmul.allow_tf32 = True # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True # allow tf32 on cudnn
@@ -210,7 +225,7 @@ if init_from not in ('scratch', 'resume'):
     resume_path = init_from # a path: any bundle, legacy file or Hugging Face GPT-2 directory
 ckpt = None
 if not resume_path:
-    print("Initializing a new model from scratch")
+    log("Initializing a new model from scratch")
     # nanoGPT pads GPT-2's 50257 up to 50304 (a multiple of 64) for speed; a char vocabulary is used as is
     model_args['vocab_size'] = 50304 if meta['tokenizer']['token_kind'] == 'gpt2' else meta['vocab_size']
     try:
@@ -266,7 +281,7 @@ for split in ('train', 'val'): # every batch draws block_size + 1 tokens from th
     if tokens <= block_size:
         fail(f'{data_dir}/{split}.bin has {tokens} tokens, but a batch needs block_size + 1 = {block_size + 1}: '
              'use a smaller --block_size or more text')
-print("number of parameters: %.2fM (%.2fM trainable)" % (model.get_num_params(non_embedding=False)/1e6,
+log("number of parameters: %.2fM (%.2fM trainable)" % (model.get_num_params(non_embedding=False)/1e6,
       sum(p.numel() for p in model.parameters() if p.requires_grad)/1e6))
 model.to(device)
 
@@ -274,7 +289,7 @@ model.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 
 # optimizer; on resume its state is carried over by parameter name, fresh where names or shapes differ
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, master_process)
 if ckpt is not None:
     try:
         kept, fresh = apply_optimizer_state(model, optimizer, ckpt.optimizer_state(), report['fresh_lora'])
@@ -290,7 +305,7 @@ if ckpt is not None:
 
 # compile the model
 if compile:
-    print("compiling the model... (takes a ~minute)")
+    log("compiling the model... (takes a ~minute)")
     model = torch.compile(model) # requires PyTorch 2.0
 
 # wrap model into DDP container
@@ -299,8 +314,10 @@ if ddp:
 
 # logging
 if wandb_log and master_process:
-    import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    try:
+        wandb_run = start_wandb(wandb_project, wandb_run_name, config)
+    except SetupError as e:
+        fail(e)
 
 def next_train_batch():
     # remember the random state each batch is drawn from: a checkpoint stores the one of the pending batch
@@ -315,6 +332,7 @@ local_iter_num = 0 # number of iterations in the lifetime of this process
 raw_model = model.module if ddp else model # unwrap DDP container if needed
 raw_model = getattr(raw_model, '_orig_mod', raw_model) # and torch.compile's wrapper
 running_mfu = -1.0
+saved = False
 while True:
 
     # determine and set the learning rate for this iteration
@@ -335,7 +353,7 @@ while True:
             print(f"resume check: val loss {losses['val']:.6f} now, {stored:.6f} stored in the checkpoint "
                   f"(|diff| {abs(losses['val'] - stored):.1e}{why})")
         if wandb_log:
-            wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr,
+            wandb_run.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr,
                        "mfu": running_mfu*100})
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
@@ -343,10 +361,11 @@ while True:
                 try:
                     save_checkpoint(out_dir, raw_model, optimizer if save_optimizer else None, iter_num,
                                     best_val_loss, losses['val'], config, scaler, rng_before_batch)
+                    saved = True
                 except (CheckpointError, CheckpointMismatchError) as e: # disk full; a diverged adapter (NaN)
                     fail(e)
                 if wandb_log:
-                    wandb.log({"iter": iter_num, "checkpoint/step": iter_num, "checkpoint/dir": out_dir})
+                    wandb_run.log({"iter": iter_num, "checkpoint/step": iter_num, "checkpoint/dir": out_dir})
     # termination: checked after the save, so the last checkpoint holds every step trained
     if eval_only or iter_num >= max_iters:
         break
@@ -367,7 +386,16 @@ while True:
     iter_num += 1
     local_iter_num += 1
 
+# a run that writes no checkpoint says why, so an unchanged out_dir is no surprise
+if eval_only:
+    log("note: eval_only = True: nothing was saved (an evaluation never rewrites a checkpoint)")
+elif not saved and iter_num == 0:
+    convert = f"; python convert_checkpoints.py {resume_path} --to bundle DIR writes it as a bundle" if resume_path else ''
+    log(f"note: nothing was saved to {out_dir}: no step was trained (max_iters = {max_iters}){convert}")
+elif not saved:
+    log(f"note: nothing was saved to {out_dir}: the val loss never went below best_val_loss {best_val_loss:.4f} "
+        "(always_save_checkpoint = False)")
 if wandb_log and master_process:
-    wandb.finish() # writes the run's summary (and, offline, its files) now
+    wandb_run.finish() # writes the run's summary (and, offline, its files) now
 if ddp:
     destroy_process_group()

@@ -29,7 +29,7 @@ from model import (ADAPTER_FIELDS, GPT, GPTConfig, is_lora_factor, load_universa
                    standardize_state_dict)
 from core.commit import (MANIFEST_FILE, CheckpointError, DamagedError, atomic_write, check_sizes, commit_directory,
                          interrupted_save, is_plain_name, verify_file, write_json)
-from core.interop import export_hf, export_nanogpt, is_hf_dir, read_hf
+from core.interop import HF_WEIGHTS, export_hf, export_nanogpt, is_hf_dir, read_hf
 from core.tokenizer import char_spec, load_tokenizer, spec_vocab_size
 
 FORMAT_VERSION = 1
@@ -175,6 +175,10 @@ def infer_base_config(state_dict, source='the checkpoint'):
     """ what the weights themselves say about the architecture (all but n_head, which no shape tells) """
     if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
         raise CheckpointError(f'{source}: the weights are not a dict of tensors (found {type(state_dict).__name__})')
+    if any(k.endswith(('.attn.qkv_w', '.attn.qkvo_w')) for k in state_dict):
+        raise CheckpointError(f'{source} is a modded-nanogpt checkpoint (blocks.N.attn.qkv_w / qkvo_w), not a nanoGPT '
+                              f'GPT: check it with python test_checkpoint_loading.py {source}, or fine-tune it with '
+                              f'python finetune_hindi_xnli.py --pretrained_ckpt_path {source}')
     sd = standardize_state_dict(state_dict, lora_alpha=1.0)  # the scale does not change shapes
     try:
         wte, wpe = sd['transformer.wte.weight'], sd['transformer.wpe.weight']
@@ -500,6 +504,9 @@ def read_meta_pkl(path):
 def read_meta_file(path):
     """ the tokenizer spec of a data/<dataset>/meta.json (ours) or meta.pkl (nanoGPT's) """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f'{path} is a directory; expected a meta.json or nanoGPT meta.pkl vocabulary file '
+                              f'(e.g. {path / "meta.json"})')
     if not path.is_file():
         raise CheckpointError(f'{path} does not exist; expected a meta.json or nanoGPT meta.pkl vocabulary')
     if path.suffix != '.json':
@@ -528,12 +535,11 @@ def legacy_tokenizer(path, ck, run_config, vocab_size, meta_path, notes):
         if p.is_file():
             notes.append(f'tokenizer: read from {p}')
             return read_meta_file(p)
-    if meta_path:
-        raise CheckpointError(f'{meta_path} does not exist; expected a meta.json or nanoGPT meta.pkl vocabulary')
     if vocab_size >= 50257:
         notes.append('tokenizer: gpt2 assumed (no vocabulary stored; nanoGPT\'s sample.py assumes the same)')
         return {'token_kind': 'gpt2'}
-    notes.append(f'tokenizer: unknown (no vocabulary stored and no meta file for dataset {dataset!r}); the tools take '
+    where = f'no meta file for its dataset {dataset!r}' if dataset else 'no dataset named in it'
+    notes.append(f'tokenizer: unknown (no vocabulary stored, and {where}); the tools take '
                  '--meta PATH, train.py the vocabulary of its --dataset')
     return None
 
@@ -594,15 +600,22 @@ def find_checkpoint(path, legacy_file=None):
 
 def read_checkpoint(path, legacy_file=None, meta_path=None):
     found = find_checkpoint(path, legacy_file)
+    if found is None and legacy_file:
+        raise CheckpointError(f'--legacy_checkpoint {legacy_file}: there is no file {legacy_file} in {path} (it holds '
+                              f'{", ".join(sorted(os.listdir(path))[:8]) or "nothing"})' if Path(path).is_dir() else
+                              f'--legacy_checkpoint {legacy_file}: no such file, and {path} is not a directory')
     if found is None:
-        what = f'{legacy_file} in {path}' if legacy_file else path
         if Path(path).is_dir():
-            raise CheckpointError(f'no checkpoint in the directory {what}: expected a bundle (config.json + model.pt), '
+            raise CheckpointError(f'no checkpoint in the directory {path}: expected a bundle (config.json + model.pt), '
                                   f'a Hugging Face GPT-2 directory, or one of {", ".join(LEGACY_NAMES)}; found '
                                   f'{", ".join(sorted(os.listdir(path))[:8]) or "nothing"}')
-        raise CheckpointError(f'no checkpoint at {what}: expected a bundle directory (config.json + model.pt), '
+        raise CheckpointError(f'no checkpoint at {path}: expected a bundle directory (config.json + model.pt), '
                               f'a directory holding one of {", ".join(LEGACY_NAMES)}, or a checkpoint file')
     kind, found_path = found
+    home = find_checkpoint(found_path.parent) if found_path.name in BUNDLE_FILES + (MANIFEST_FILE, HF_WEIGHTS) else None
+    if kind == 'legacy' and home and home[0] != 'legacy': # e.g. bundle/model.pt: one file of a checkpoint directory
+        raise CheckpointError(f'{path} is one file of the checkpoint directory {found_path.parent} '
+                              f'({KINDS[home[0]].title}): pass the directory, {found_path.parent}')
     ck = KINDS[kind].read(found_path, meta_path)
     if kind == 'bundle' and Path(found_path) != Path(path):
         ck.notes.append(f'the last save to {path} was interrupted; read the complete checkpoint it left in {found_path}')

@@ -3,8 +3,10 @@ What the command-line tools share: how a checkpoint is named on the command line
 run (one clear paragraph on stderr and exit code 1; the traceback only with --debug).
 """
 
+import json
 import os
 import sys
+import time
 import traceback
 
 import torch
@@ -13,17 +15,46 @@ from model import CheckpointMismatchError
 from core.checkpoint import CheckpointError, read_checkpoint
 from core.tokenizer import TokenizerError
 
-CLEAR_ERRORS = (CheckpointError, CheckpointMismatchError, TokenizerError, OSError)
+
+
+class SetupError(Exception):
+    """ what this machine cannot do for a run (a device, a wandb login): said in one paragraph """
+
+
+CLEAR_ERRORS = (CheckpointError, CheckpointMismatchError, TokenizerError, SetupError, OSError)
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 
-def check_device(device):
+def check_device(device, name='--device', fix='--device cpu'):
+    """ `name` and `fix` say it the way the tool takes it: '--device' (argparse) or 'device =' (train.py) """
     try:
         torch.device(device)
     except RuntimeError:
-        raise CheckpointError(f"--device {device!r} is not a torch device: use 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+        raise SetupError(f"{name} {device!r} is not a torch device: use 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
     if device.startswith('cuda') and not torch.cuda.is_available():
-        raise CheckpointError(f'--device {device}: this machine has no CUDA GPU that torch can use; pass --device cpu')
+        raise SetupError(f'{name} {device!r}, but this machine has no CUDA GPU that torch can use; pass {fix}')
+    if device.startswith('mps') and not torch.backends.mps.is_available():
+        raise SetupError(f'{name} {device!r}, but torch has no MPS (Apple GPU) support here; pass {fix}')
+
+
+def tell_torchrun(message):
+    """ under torchrun, the error file it reads for its failure summary (its documented channel from a process) """
+    path = os.environ.get('TORCHELASTIC_ERROR_FILE')
+    if path:
+        with open(path, 'w') as f:
+            json.dump({'message': {'message': message, 'extraInfo': {'py_callstack': message,
+                                                                     'timestamp': str(int(time.time()))}}}, f)
+
+
+def start_wandb(project, name, config):
+    """ a wandb run, or one clear error when wandb cannot start one (no login on this machine, no network) """
+    import wandb # only when asked for
+    try:
+        return wandb.init(project=project, name=name, config=config)
+    except wandb.errors.Error as e:
+        raise SetupError(f'wandb logging was asked for, but wandb could not start a run: {e} Log in once with '
+                         '`wandb login`, or log without an account with WANDB_MODE=offline in the environment '
+                         '(`wandb sync` uploads it later), or leave wandb logging off') from None
 
 
 def add_checkpoint_args(parser):

@@ -220,6 +220,8 @@ def commit_directory(final_dir, write_files, replaces=()):
     directory is swapped in. If anything fails, the old final_dir is as it was and the error says what failed.
     """
     final_dir = Path(final_dir)
+    if final_dir.exists() and not final_dir.is_dir():
+        raise CheckpointError(f'{final_dir} is a file: a checkpoint is written as a directory there; name a directory')
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     recover(final_dir)
     tmp = final_dir.with_name(f'.{final_dir.name}{SAVING}{os.getpid()}')

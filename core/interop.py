@@ -17,6 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from core.commit import CheckpointError, commit_directory, write_json
 
+HF_WEIGHTS = 'model.safetensors' # transformers' file name for the weights
+
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 HF_BUFFERS = ('.attn.bias', '.attn.masked_bias') # causal masks older transformers saved; not weights
 NANOGPT_ARGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
@@ -64,9 +66,9 @@ def export_hf(model, out_dir):
     weights = {k: (v.t() if k.endswith(CONV1D) else v).contiguous()
                for k, v in model.get_merged_state_dict().items() if k != 'lm_head.weight'}
     def write(directory):
-        save_file(weights, os.path.join(directory, 'model.safetensors'), metadata={'format': 'pt'})
+        save_file(weights, os.path.join(directory, HF_WEIGHTS), metadata={'format': 'pt'})
         write_json(os.path.join(directory, 'config.json'), hf_config(model.config))
-    commit_directory(out_dir, write, replaces=('model.safetensors', 'config.json'))
+    commit_directory(out_dir, write, replaces=(HF_WEIGHTS, 'config.json'))
     return out_dir
 
 
@@ -80,8 +82,8 @@ def read_hf(path):
     activation = {'gelu': 'gelu', 'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh'}.get(cfg.get('activation_function', 'gelu_new'))
     if activation is None:
         raise CheckpointError(f"{path}/config.json: activation {cfg.get('activation_function')!r} is not a GELU")
-    if (path / 'model.safetensors').is_file():
-        sd = load_file(path / 'model.safetensors') # safetensors holds tensors only: nothing to unpickle
+    if (path / HF_WEIGHTS).is_file():
+        sd = load_file(path / HF_WEIGHTS) # safetensors holds tensors only: nothing to unpickle
     elif (path / 'pytorch_model.bin').is_file():
         sd = load_tensors(path / 'pytorch_model.bin')
     else:
@@ -109,6 +111,8 @@ def export_nanogpt(model, path, step=0, best_val_loss=None, named_optimizer=None
     goes beside it as nanoGPT's meta.pkl, which its sample.py reads from data/<dataset>/. Returns the files written.
     """
     from core.commit import atomic_write
+    if Path(path).is_dir():
+        raise CheckpointError(f'{path} is a directory: a nanoGPT checkpoint is one file; name it, e.g. {Path(path) / "ckpt.pt"}')
     config = model.config
     extra = [f for f in ('n_hidden', 'activation') if getattr(config, f) != {'n_hidden': 4 * config.n_embd,
                                                                               'activation': 'gelu'}[f]]

@@ -13,6 +13,7 @@ It is JSON, never pickle: loading a pickle can run arbitrary code.
 import json
 import platform
 import re
+import shutil
 import sys
 import urllib.request
 from pathlib import Path
@@ -71,9 +72,13 @@ def shakespeare_text(out_dir):
     path = out_dir / "input.txt"
     if not path.exists():
         print(f"downloading tiny Shakespeare from {SHAKESPEARE_URL} to {path}")
+        made = not out_dir.exists()
+        out_dir.mkdir(parents=True, exist_ok=True)
         try:
             download(SHAKESPEARE_URL, path)
         except OSError as e:  # urllib's URLError and timeouts are OSErrors
+            if made:
+                shutil.rmtree(out_dir, ignore_errors=True)
             raise DatasetError(
                 f"could not download tiny Shakespeare from {SHAKESPEARE_URL} ({e}). If this machine is "
                 "offline, get input.txt another way and pass it with --input FILE.") from None
@@ -89,7 +94,8 @@ def prepare(dataset="pydocs_char", input_path=None, out_dir=None, tokenizer=None
     if dataset not in DATASETS and input_path is None:
         raise DatasetError(
             f"unknown dataset {dataset!r}: the known datasets are {', '.join(DATASETS)}. "
-            "To prepare your own text, give it a name and pass the text file with --input FILE.")
+            "To use your own text, prepare it once: python data/prepare.py --dataset NAME --input FILE; then "
+            "train with --dataset=NAME.")
     tokenizer = tokenizer or DATASETS.get(dataset, (None, "char"))[1]
     if tokenizer not in ("char", "gpt2"):
         raise DatasetError(f"the tokenizer must be 'char' or 'gpt2', found {tokenizer!r}")
@@ -98,7 +104,6 @@ def prepare(dataset="pydocs_char", input_path=None, out_dir=None, tokenizer=None
     out_dir = Path(out_dir) if out_dir is not None else Path(__file__).parent / dataset
     if out_dir.exists() and not out_dir.is_dir():
         raise DatasetError(f"the output folder {out_dir} is a file; expected a directory (new or existing)")
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     if input_path is not None:
         text, source = read_text_file(input_path), str(input_path)
@@ -124,6 +129,8 @@ def prepare(dataset="pydocs_char", input_path=None, out_dir=None, tokenizer=None
     print(f"train has {len(train_ids):,} tokens")
     print(f"val has {len(val_ids):,} tokens")
 
+    # made only now, so that a failed run leaves no empty data/<dataset> that would look prepared
+    out_dir.mkdir(parents=True, exist_ok=True)
     # each file whole or not at all: an interrupted run never leaves a short train.bin behind
     for name, ids in (("train.bin", train_ids), ("val.bin", val_ids)):
         data = np.array(ids, dtype=np.uint16).data # the array's own bytes, not a copy

@@ -85,6 +85,14 @@ def bundle(d, name='b', bias=False, **kw):
     return name
 
 
+def legacy(d, name='final.pt'):
+    """ a single-file checkpoint as an older version saved one (weights, model_args, step) """
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16))
+    torch.save({'model': model.state_dict(), 'model_args': dict(n_layer=1, n_head=1, n_embd=8, block_size=8,
+                                                                 vocab_size=16), 'iter_num': 1}, d / name)
+    return name
+
+
 def hf_dir(d, name='hf'):
     """ a Hugging Face GPT-2 directory of the tiny bundle's 96-token model: it stores no vocabulary """
     from core.interop import export_hf
@@ -178,7 +186,13 @@ CASES = {
         ('dataset with a path', lambda d: ['--dataset=../x'], "dataset = '../x' is not a dataset name"),
         ('model_name with a path', lambda d: ['--model_name=../evil'], "model_name = '../evil' is not a name"),
         ('--device=gpu', lambda d: ['--device=gpu'], "device = 'gpu' is not a torch device"),
-        ('unknown dataset', lambda d: ['--dataset=nope'], "unknown dataset 'nope'"),
+        ('unknown dataset', lambda d: ['--dataset=nope'], 'python data/prepare.py --dataset NAME --input FILE'),
+        ('--lora_alpha=0', lambda d: ['--lora_alpha=0'], 'lora_alpha = 0.0 cannot be used: it must be above 0'),
+        ('init_from and resume_from both', lambda d: ['--init_from=' + bundle(d, 'a'), '--resume_from=' + bundle(d, 'c')],
+         "init_from = 'a' and resume_from = 'c' name two checkpoints"),
+        ('out_dir is a file', lambda d: ['--out_dir=' + file(d, 'notes.txt')], "out_dir = 'notes.txt' is a file"),
+        ('a directory as config file', lambda d: [folder(d, 'config')], "Config file 'config' is a directory"),
+        ('a modded checkpoint', lambda d: ['--resume_from=' + modded(d)], 'tiny.pt is a modded-nanogpt checkpoint'),
         ('block size longer than the data', lambda d: ['--block_size=1000000'], 'but a batch needs block_size + 1'),
         ('resume from nothing', lambda d: ['--resume_from=nope'], 'no checkpoint at nope'),
         ('resume from a text file', lambda d: ['--resume_from=' + file(d, 'notes.txt')], 'notes.txt could not be read'),
@@ -204,6 +218,15 @@ CASES = {
         ('prompt file missing', lambda d: ['--checkpoint', bundle(d), '--start', 'FILE:nope.txt'], 'nope.txt'),
         ('a character the vocabulary lacks', lambda d: ['--checkpoint', bundle(d), '--start', '€'], "the character '€'"),
         ('damaged model.pt', lambda d: ['--checkpoint', damaged(d)], 'model.pt does not match its checksum'),
+        ('--meta names a directory', lambda d: ['--checkpoint', hf_dir(d), '--meta', folder(d)],
+         'adir is a directory; expected a meta.json or nanoGPT meta.pkl vocabulary file'),
+        ('--legacy_checkpoint missing', lambda d: ['--model_name', bundle(d), '--root', '.', '--legacy_checkpoint',
+                                                   'final.pt'], '--legacy_checkpoint final.pt: there is no file final.pt'),
+        ('a file inside a bundle', lambda d: ['--checkpoint', bundle(d) + '/model.pt'],
+         'b/model.pt is one file of the checkpoint directory b'),
+        ('a modded checkpoint', lambda d: ['--checkpoint', modded(d)],
+         'tiny.pt is a modded-nanogpt checkpoint (blocks.N.attn.qkv_w / qkvo_w), not a nanoGPT GPT: check it with '
+         'python test_checkpoint_loading.py tiny.pt'),
     ],
     'inspect_model.py': [
         ('no checkpoint named', lambda d: [], 'exactly one of --model_name NAME or --checkpoint PATH'),
@@ -229,7 +252,11 @@ CASES = {
         ('--out with two sources', lambda d: [modded(d, 'a.pt'), modded(d, 'b.pt'), '--out', 'x'], '--out takes one source'),
         ('a classifier', lambda d: [edited(d, 'best', 'config.json', kind='nli_classifier'), '--to', 'hf', 'hf'],
          'best is a Fine-tuned classifier'),
-        ('a modded checkpoint', lambda d: [modded(d)], 'tiny.pt'),
+        ('a modded checkpoint', lambda d: [modded(d)], 'tiny.pt is a modded-nanogpt checkpoint'),
+        ('--to nanogpt onto a directory', lambda d: [bundle(d), '--to', 'nanogpt', folder(d)],
+         'adir is a directory: a nanoGPT checkpoint is one file; name it, e.g. adir/ckpt.pt'),
+        ('--out names a file', lambda d: [legacy(d), '--out', file(d, 'notes.txt')],
+         'notes.txt is a file: a checkpoint is written as a directory there'),
     ],
 }
 
@@ -254,7 +281,10 @@ def broken_json(d):
 def test_bad_input_exits_1_with_one_clear_message(script, build, expected, tmp_path, monkeypatch):
     monkeypatch.setenv('OMP_NUM_THREADS', '1')  # tiny models; and a busy 2-core machine slows 2-thread runs ~10x
     first = ['--max_iters=1', '--eval_iters=1'] if script == 'train.py' else [] # should a case stop failing, it ends soon
-    code, out = run_script(script, *first, *build(tmp_path), cwd=tmp_path, ok=False)
+    args = build(tmp_path)
+    before = sorted(tmp_path.rglob('*'))
+    code, out = run_script(script, *first, *args, cwd=tmp_path, ok=False)
     assert code == 1 and 'Traceback' not in out, out
+    assert sorted(tmp_path.rglob('*')) == before, 'a failed run left files or folders behind'
     assert expected in out.strip().split('\n\n')[-1], out  # named in the last paragraph: the message itself
     assert 'this ran while loading' not in out

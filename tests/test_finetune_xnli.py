@@ -9,6 +9,7 @@ import json
 import os
 import re
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
@@ -323,6 +324,13 @@ def test_end_to_end_train_evaluate_and_resume(xnli, tmp_path):
     state = json.loads((last / 'training_state.json').read_text())
     best_before = json.loads((best / 'training_state.json').read_text())['best']
     assert state['step'] == 68 and state['best'] == best_before and 'rng' in state
+
+    # --resume continues the run in out/last: another pretrained checkpoint named with it is refused, not ignored
+    other = tmp_path / 'other.pt'
+    other.write_bytes(Path(xnli.ckpt).read_bytes())
+    elsewhere = [str(other) if a == xnli.ckpt else a for a in common]
+    code, out = run_script(SCRIPT, *elsewhere, '--num_epochs', 3, '--resume', cwd=tmp_path, ok=False)
+    assert code == 1 and f'which was fine-tuned from {xnli.ckpt}, but --pretrained_ckpt_path names {other}' in out
 
     # --resume with more epochs continues at step 68 (optimizer, schedule, best metrics kept)
     _, out = run_script(SCRIPT, *common, '--num_epochs', 3, '--resume', cwd=tmp_path)

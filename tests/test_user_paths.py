@@ -144,3 +144,67 @@ def test_eval_only_and_a_new_alpha_leave_the_old_state_alone(tmp_path):
     out = run_train(tmp_path, TINY_LORA_CONFIG, '--resume_from', 'lora', '--out_dir', 'alpha', '--max_iters', 5,
                     '--lora_alpha', 32.0)
     assert '9 adapters initialised fresh' in out and 'state carried over for 0 parameter tensors, fresh for 18' in out
+
+
+def test_settings_that_do_nothing_are_said(tmp_path):
+    # an embedding rank without embedding LoRA, an out_dir beside model_name, a run that saves nothing: all used to
+    # pass in silence, and a failed run's empty out_dir looked like a run
+    from tests.helpers import run_train
+    out = run_train(tmp_path, '--max_iters', 0, '--eval_iters', 1, '--embedding_rank', 4, '--model_name', 'm',
+                    '--out_dir', 'elsewhere')
+    assert "note: embedding_rank = 4 is not used: embedding_mode = 'standard'" in out
+    assert "note: out_dir = 'elsewhere' is not used: with model_name, checkpoints live in checkpoints/m" in out
+    assert 'note: nothing was saved to checkpoints/m: no step was trained (max_iters = 0)' in out
+    assert not (tmp_path / 'checkpoints').exists() and not (tmp_path / 'elsewhere').exists()
+    out = run_train(tmp_path, '--max_iters', 0, '--eval_iters', 1, '--embedding_mode', 'lora')
+    assert "note: embedding_mode = 'lora' with embedding_rank = 0: the embedding stays standard" in out
+
+
+def test_eval_only_says_it_saves_nothing(tmp_path):
+    from tests.helpers import run_train
+    run_train(tmp_path, '--max_iters', 2, '--eval_iters', 1, '--out_dir', 'o')
+    out = run_train(tmp_path, '--init_from', 'resume', '--out_dir', 'o', '--eval_only', 'True', '--eval_iters', 1)
+    assert 'note: eval_only = True: nothing was saved' in out
+    out = run_train(tmp_path, '--resume_from', 'o', '--out_dir', 'p', '--max_iters', 2, '--eval_iters', 1,
+                    '--always_save_checkpoint', 'False')
+    assert 'note: nothing was saved to p: the val loss never went below best_val_loss' in out
+
+
+def test_wandb_without_a_login_is_one_clear_error(tmp_path, monkeypatch):
+    # wandb.init raised UsageError from deep inside train.py; the run must say how to log in or log offline
+    monkeypatch.setenv('HOME', str(tmp_path)) # no ~/.netrc: no wandb login on this machine
+    for k in ('WANDB_API_KEY', 'WANDB_MODE', 'WANDB_DIR', 'WANDB_CONFIG_DIR'):
+        monkeypatch.delenv(k, raising=False)
+    from tests.helpers import run_train
+    code, out = run_train(tmp_path, '--max_iters', 1, '--eval_iters', 1, '--wandb_log', 'True', ok=False)
+    assert code == 1 and 'Traceback' not in out
+    assert 'wandb could not start a run' in out and 'wandb login' in out and 'WANDB_MODE=offline' in out
+
+
+def test_inspect_names_no_dataset_it_was_not_given(tmp_path):
+    from tests.helpers import make_nanogpt_checkpoint
+    path, _, _ = make_nanogpt_checkpoint(tmp_path, CHARS)
+    ck = torch.load(path, weights_only=True)
+    del ck['config'] # a ckpt.pt saved by a script that keeps no run config
+    torch.save(ck, tmp_path / 'bare.pt')
+    code, out = run_script('inspect_model.py', '--checkpoint', tmp_path / 'bare.pt', cwd=tmp_path)
+    assert 'no vocabulary stored, and no dataset named in it' in out and 'None' not in out
+
+
+def test_bad_input_under_torchrun_is_said_once(tmp_path):
+    # every process found the error and said it, then torchrun's summary said nothing of it
+    import os
+    import subprocess
+    import sys
+    from tests.helpers import REPO
+    env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(REPO / 'train.py'), '--max_iters=-5'], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    lines = out.splitlines()
+    assert proc.returncode == 1
+    assert lines.count('error: max_iters = -5 cannot be used: it must be at least 0') == 1, out
+    assert lines.count('Overriding: max_iters = -5') == 1, out
+    # torchrun's own failure summary quotes the message instead of 'To enable traceback see ...'
+    assert 'traceback : error: max_iters = -5 cannot be used' in out and 'To enable traceback' not in out
