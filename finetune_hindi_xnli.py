@@ -13,11 +13,9 @@ xnli.dev.tsv trains and validates, and xnli.test.tsv tests. The outputs, in --ou
   results.json   best/ scored on the test set: accuracy, macro-F1, per-class accuracy, confusion matrix
 """
 
-import csv
-import json
+import argparse
 import math
 import os
-import random
 import sys
 import time
 import traceback
@@ -26,65 +24,95 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, fbeta_score, recall_score
 
 from load_checkpoint_helper import ModdedCheckpointError, load_pretrained_checkpoint
 from core.checkpoint import (JSON_FILES, CheckpointError, check_sizes, commit_directory, load_verified, read_json,
                              rng_state, save_tensors, set_rng_state, write_json)
 from core.args import Parser
 from core.cli import SetupError, check_device, start_wandb
-from core.commit import recover
-from core.tokenizer import TokenizerError, hf_spec_from_file, load_tokenizer
+from core.commit import is_plain_name, recover
+from core.finetune_data import (LABELS, DataError, dataset_splits, find_tokenizer, load_splits,
+                                 read_examples)
+from core.tokenizer import TokenizerError, load_tokenizer
 
-LABELS = ('entailment', 'neutral', 'contradiction')  # class ids 0, 1, 2, as in XNLI / Hugging Face datasets
 FORMAT_VERSION = 1
 
 
-class DataError(ValueError):
-    """ a data file that cannot be used: the message names the file, what was expected and what was found """
-
-
 def get_args(argv=None):
-    p = Parser(description='Fine-tune a modded-nanogpt checkpoint on XNLI (3-way NLI).')
+    p = Parser(description='Fine-tune a modded-nanogpt checkpoint for sequence classification (XNLI Hindi by default).')
     a = p.add_argument
-    a('--dataset', default='hindi_xnli', help='data name; without --data_dir the files are read from data/<dataset>')
+    a('--dataset', default='hindi_xnli', help='data name: data/<dataset> for local files, the subset of --parent_dataset')
     a('--data_dir', help='a folder with the XNLI 1.0 xnli.dev.tsv (train + valid) and xnli.test.tsv')
     a('--train_file'); a('--valid_file'); a('--test_file')
-    a('--language', default='hi', help='rows of this language are kept when a file has a language column')
-    a('--premise_column', help='default: sentence1 in a .tsv (XNLI release), premise otherwise')
-    a('--hypothesis_column', help='default: sentence2 in a .tsv, hypothesis otherwise')
+    a('--parent_dataset', help='Hugging Face datasets: a hub name (load_dataset(PARENT, DATASET)) or a local dataset folder')
+    a('--no_subset', action='store_true', help='load_dataset(PARENT) without --dataset as its subset')
+    a('--from_disk', action='store_true', help='load_from_disk(--parent_dataset, else --data_dir/--dataset)')
+    a('--hf_cache', help="the datasets cache folder (default: datasets' own)")
+    a('--force_tokenization', action='store_true', help='accepted for the fork; examples are tokenized on every run')
+    a('--language', default='hi', help='rows of this language are kept when the data has a language column')
+    a('--text_column', nargs='+', help='one column (a single text) or several (joined by the separator token); '
+      'default: premise hypothesis (sentence1 sentence2 in a .tsv), or sentence')
+    a('--premise_column', help='the first of two text columns (same as --text_column PREMISE HYPOTHESIS)')
+    a('--hypothesis_column', help='the second of two text columns')
     a('--label_column', help='default: gold_label in a .tsv, label otherwise')
+    a('--num_classes', type=int, help="default: the ClassLabel's count, else 3 (XNLI); checked against the labels found")
     a('--pretrained_ckpt_path', help='a modded-nanogpt checkpoint (.pt)')
-    a('--tokenizer_name', help='the Hugging Face tokenizers JSON file the checkpoint was trained with')
+    a('--tokenizer_name', help='a tokenizer.json path, a name looked up in --tokenizer_dir, or gpt2 (the default)')
+    a('--tokenizer_dir', default='tokenizers', help='where --tokenizer_name is looked up: NAME, NAME.json, '
+      'NAME-tokenizer.json, NAME-vocab.json')
     a('--n_layer', type=int, help='optional: checked against the checkpoint')
     a('--n_head', type=int, help="the head count; needed when the checkpoint's (layers, dim) is not a known size")
     a('--n_embd', type=int, help='optional: checked against the checkpoint')
-    a('--block_size', type=int, default=256, help='max tokens per example (premise + separator + hypothesis)')
+    a('--vocab_size', type=int, help='optional: checked against the checkpoint')
+    a('--block_size', type=int, default=256, help='max tokens per example (all texts and separators)')
     a('--batch_size', type=int, default=16)
+    a('--gradient_accumulation_steps', type=int, default=1, help='micro-batches of --batch_size per optimizer step')
     a('--num_epochs', type=int, default=3)
     a('--max_steps', type=int, help='stop after this many optimizer steps in all')
     a('--learning_rate', type=float, default=3e-5, help='peak lr of the pretrained weights')
     a('--head_learning_rate', type=float, default=1e-3, help='peak lr of the new classification head')
     a('--weight_decay', type=float, default=0.01)
     a('--warmup_ratio', type=float, default=0.1, help='fraction of the steps with linear warmup; then cosine decay')
+    a('--no_decay_lr', action='store_true', help='a constant learning rate: no warmup, no decay')
     a('--grad_clip', type=float, default=1.0)
     a('--dropout', type=float, default=0.1, help='dropout on the pooled features, before the head')
     a('--class_weights', action='store_true', help='weight the loss by inverse class frequency')
     a('--eval_interval', type=int, help='evaluate (and save) every N steps; default: once per epoch')
+    a('--eval_iters', type=int, help='accepted for the fork; every evaluation covers the whole validation split')
     a('--log_interval', type=int, default=10)
     a('--out_dir', default='out-xnli')
     a('--resume', action='store_true', help='continue from <out_dir>/last when it exists')
+    a('--eval_only', action='store_true', help='no training: evaluate --checkpoint_path (default <out_dir>/best)')
+    a('--checkpoint_path', help='--eval_only: the fine-tuned bundle to evaluate (default <out_dir>/best)')
+    a('--datasets', nargs='+', help='--eval_only: datasets to evaluate (hub names or local folders; default: the data flags)')
+    a('--dataset_labels', nargs='+', help='--eval_only: a name per --datasets entry, for results_<label>.json')
+    a('--dataset_config', help='--eval_only: the subset of each --datasets entry')
+    a('--split', default='test', help='--eval_only: the split to evaluate (test, validation, train)')
+    a('--output_dir', help='--eval_only: where results_<label>.json go (default --out_dir)')
     a('--seed', type=int, default=1337)
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    a('--no_cuda', action='store_true', help='same as --device cpu')
     a('--dtype', choices=['float32', 'bfloat16', 'float16'],
       default='bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32')
     a('--wandb_log', action='store_true'); a('--wandb_project', default='hindi-xnli'); a('--wandb_run_name')
     a('--debug', action='store_true', help='show the full traceback on errors')
     args = p.parse_args(argv)
-    if not args.resume and not (args.pretrained_ckpt_path and args.tokenizer_name):
-        p.error('--pretrained_ckpt_path and --tokenizer_name are required (unless --resume finds <out_dir>/last)')
+    if args.no_cuda:
+        args.device = 'cpu'
+    if args.text_column and (args.premise_column or args.hypothesis_column):
+        p.error('--text_column and --premise_column/--hypothesis_column both name the text columns: pass one of them')
+    if not args.text_column and (args.premise_column or args.hypothesis_column):
+        args.text_column = [args.premise_column, args.hypothesis_column]
+    if not (args.resume or args.eval_only or args.pretrained_ckpt_path):
+        p.error('--pretrained_ckpt_path is required (unless --resume finds <out_dir>/last, or --eval_only)')
+    if args.dataset_labels and len(args.dataset_labels) != len(args.datasets or []):
+        p.error(f'--dataset_labels names {len(args.dataset_labels)} labels for {len(args.datasets or [])} --datasets')
     # each limit is written so that NaN fails it too
     for flag, ok, expected in (
             ('batch_size', args.batch_size >= 1, 'at least 1'), ('num_epochs', args.num_epochs >= 1, 'at least 1'),
+            ('gradient_accumulation_steps', args.gradient_accumulation_steps >= 1, 'at least 1'),
+            ('num_classes', args.num_classes is None or args.num_classes >= 2, 'at least 2'),
             ('max_steps', args.max_steps is None or args.max_steps >= 1, 'at least 1'),
             ('eval_interval', args.eval_interval is None or args.eval_interval >= 1, 'at least 1'),
             ('log_interval', args.log_interval >= 1, 'at least 1'), ('block_size', args.block_size >= 3, 'at least 3'),
@@ -111,115 +139,31 @@ def get_args(argv=None):
 # data
 
 
-def read_table(path):
-    """ (column names, [(where, row dict)]) of a .tsv (XNLI release), .csv, .jsonl or .json (JSON lines or a list) """
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in ('.tsv', '.csv', '.jsonl', '.json'):
-        raise DataError(f'{path}: unknown file type {ext or "(none)"!r}; expected .tsv (the XNLI 1.0 release), '
-                        '.jsonl/.json (JSON lines) or .csv')
-    if not os.path.isfile(path):
-        raise DataError(f'{path} does not exist; expected a {ext} file of NLI examples (point --data_dir at the folder '
-                        'holding xnli.dev.tsv and xnli.test.tsv, or name files with --train_file, --valid_file, '
-                        '--test_file)')
-    try:
-        with open(path, encoding='utf-8', newline='') as f:
-            if ext in ('.tsv', '.csv'):
-                # XNLI's TSV has stray quote characters inside sentences: it must be read without quoting
-                tsv = dict(delimiter='\t', quoting=csv.QUOTE_NONE) if ext == '.tsv' else {}
-                reader = csv.DictReader(f, **tsv)
-                rows = [(f'line {reader.line_num}', row) for row in reader]
-                return list(reader.fieldnames or []), rows
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise DataError(f'{path} is not UTF-8 text (byte {e.object[e.start]:#04x}: {e.reason}); expected a '
-                        f'UTF-8 {ext} file of NLI examples') from None
-    except csv.Error as e:
-        raise DataError(f'{path} is not a readable {ext} file ({e}); expected {ext} rows of NLI examples') from None
-    try:
-        if text.lstrip().startswith('['):
-            rows = [(f'item {i}', r) for i, r in enumerate(json.loads(text), 1)]
-        else:
-            rows = [(f'line {i}', json.loads(line)) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-    except ValueError as e:
-        raise DataError(f'{path} is not valid JSON lines ({e}); expected one JSON object per line') from None
-    if not all(isinstance(r, dict) for _, r in rows):
-        raise DataError(f'{path}: expected JSON objects (one example each), found {type(rows[0][1]).__name__}s')
-    return list(dict.fromkeys(k for _, r in rows for k in r)), rows
-
-
-def parse_label(value):
-    """ 0/1/2 (numbers or strings) or the label words -> class id; None if it is neither """
-    v = str(value).strip().lower()
-    return int(v) if v in ('0', '1', '2') else LABELS.index(v) if v in LABELS else None
-
-
-def read_examples(path, language='hi', premise_column=None, hypothesis_column=None, label_column=None):
-    """ [(premise, hypothesis, label id)] of one file; with a language column, only the rows of `language` """
-    columns, rows = read_table(path)
-    xnli = path.lower().endswith('.tsv')
-    want = [premise_column or ('sentence1' if xnli else 'premise'), hypothesis_column or
-            ('sentence2' if xnli else 'hypothesis'), label_column or ('gold_label' if xnli else 'label')]
-    missing = [c for c in want if c not in columns]
-    if missing:
-        raise DataError(f'{path} has no column {", ".join(map(repr, missing))}; expected premise, hypothesis and label '
-                        f'columns {want} (set --premise_column/--hypothesis_column/--label_column); found columns: '
-                        f'{", ".join(map(repr, columns)) or "none (is the file empty?)"}')
-    examples, languages = [], set()
-    for where, row in rows:
-        if row.get('language') is not None:  # the XNLI release holds all 15 languages in one file
-            languages.add(row['language'])
-            if row['language'] != language:
-                continue
-        label = parse_label(row.get(want[2]))
-        if label is None:
-            raise DataError(f'{path} {where}: unknown label {row.get(want[2])!r} in column {want[2]!r}; expected '
-                            '0, 1, 2 or entailment, neutral, contradiction')
-        examples.append((row.get(want[0]) or '', row.get(want[1]) or '', label))
-    if not examples:
-        found = f'languages found: {", ".join(sorted(languages))}' if languages else 'it has no data rows'
-        raise DataError(f'{path} has no examples for language {language!r} (--language); {found}')
-    return examples
-
-
-def load_splits(args):
-    """ train, valid, test (None when there is none) and a description of where each came from """
-    data_dir = args.data_dir or os.path.join('data', args.dataset)
-    columns = (args.premise_column, args.hypothesis_column, args.label_column)
-    read = lambda path: read_examples(path, args.language, *columns)
-    train_path = args.train_file or os.path.join(data_dir, 'xnli.dev.tsv')
-    train = read(train_path)
-    if args.valid_file:
-        valid, where = read(args.valid_file), args.valid_file
-    else:  # hold out 10% of the training source, shuffled with the seed so the split is the same on every run
-        if len(train) < 2:
-            raise DataError(f'{train_path} has {len(train)} example for {args.language!r}: too few to hold out '
-                            'a validation set')
-        order = list(range(len(train)))
-        random.Random(args.seed).shuffle(order)
-        n_valid = max(1, len(train) // 10)
-        valid, train = [train[i] for i in order[:n_valid]], [train[i] for i in order[n_valid:]]
-        where = f'10% of {train_path} (seed {args.seed})'
-    test_path = args.test_file or os.path.join(data_dir, 'xnli.test.tsv')
-    test = read(test_path) if args.test_file or os.path.isfile(test_path) else None
-    return train, valid, test, {'train': train_path, 'valid': where, 'test': test_path if test else None}
-
-
 def separator(tok):
-    """ what joins premise and hypothesis: the tokenizer's own end-of-text token (one id), else a newline """
+    """ what joins the texts of an example: the tokenizer's own end-of-text token (one id), else a newline """
     return [tok.eot_id] if tok.eot_id is not None else tok.encode('\n')
 
 
-def encode_pair(tok, premise, hypothesis, sep, block_size):
-    """ premise + sep + hypothesis in at most block_size ids: the premise is cut first, the hypothesis if need be """
-    h = tok.encode(hypothesis)[:block_size - len(sep)]
-    p = tok.encode(premise)[:block_size - len(sep) - len(h)]
-    return p + sep + h
+def encode_texts(tok, texts, sep, block_size):
+    """ the texts joined by sep in at most block_size ids: the first text is cut first, then the next, the last last
+    (a premise goes before its hypothesis, which decides the label) """
+    ids = [tok.encode(t) for t in texts]
+    room = block_size - len(sep) * (len(texts) - 1)
+    kept = []
+    for piece in reversed(ids):
+        kept.insert(0, piece[:max(0, room)])
+        room -= len(kept[0])
+    out = kept[0]
+    for piece in kept[1:]:
+        out = out + sep + piece
+    return out
 
 
 def encode_dataset(examples, tok, sep, block_size, vocab_size, name):
-    data = [(encode_pair(tok, p, h, sep, block_size), y) for p, h, y in examples]
-    if any(not ids for ids, _ in data):
-        raise DataError(f'{name}: an example encodes to no tokens at all (empty premise and hypothesis?)')
+    """ [(ids, label)] of examples (text, ..., label) """
+    data = [(encode_texts(tok, ex[:-1], sep, block_size), ex[-1]) for ex in examples]
+    if any(len(ids) == len(sep) * (len(ex) - 2) for (ids, _), ex in zip(data, examples)):
+        raise DataError(f'{name}: an example encodes to no tokens at all (all of its texts are empty)')
     top = max(max(ids) for ids, _ in data)
     if top >= vocab_size:
         raise TokenizerError(f'the tokenizer produced token id {top} on the {name} data, but the checkpoint has '
@@ -285,26 +229,28 @@ def set_lr(optimizer, factor):
         g['lr'] = g['base_lr'] * factor
 
 
-def metrics(gold, pred, num_classes=len(LABELS)):
-    """ accuracy, macro-F1, per-class accuracy (recall; None for a class with no examples), confusion [gold][pred] """
-    cm = [[0] * num_classes for _ in range(num_classes)]
-    for g, p in zip(gold, pred):
-        cm[g][p] += 1
-    per_class, f1 = {}, []
-    for c in range(num_classes):
-        support, predicted, hit = sum(cm[c]), sum(row[c] for row in cm), cm[c][c]
-        per_class[LABELS[c]] = hit / support if support else None
-        f1.append(2 * hit / (support + predicted) if hit else 0.0)  # = 2PR / (P + R)
-    return {'accuracy': sum(cm[c][c] for c in range(num_classes)) / max(1, len(gold)),
-            'macro_f1': sum(f1) / num_classes, 'per_class': per_class, 'per_class_f1': dict(zip(LABELS, f1)),
-            'confusion_matrix': cm, 'num_examples': len(gold)}
+def metrics(gold, pred, names=LABELS):
+    """
+    scikit-learn's metrics. accuracy; macro_f1 over every class (a class absent from gold and predictions counts 0);
+    f1_score, f2_score and recall as the fork's evaluate.py reports them (macro over the classes that occur);
+    per-class accuracy (recall; None for a class with no examples) and F1; the confusion matrix [gold][pred].
+    """
+    labels = list(range(len(names)))
+    cm = confusion_matrix(gold, pred, labels=labels).tolist()
+    f1 = f1_score(gold, pred, labels=labels, average=None, zero_division=0).tolist()
+    return {'accuracy': accuracy_score(gold, pred), 'macro_f1': sum(f1) / len(f1),
+            'f1_score': f1_score(gold, pred, average='macro', zero_division=0),
+            'f2_score': fbeta_score(gold, pred, beta=2, average='macro', zero_division=0),
+            'recall': recall_score(gold, pred, average='macro', zero_division=0),
+            'per_class': {n: cm[c][c] / sum(cm[c]) if sum(cm[c]) else None for c, n in enumerate(names)},
+            'per_class_f1': dict(zip(names, f1)), 'confusion_matrix': cm, 'num_examples': len(gold)}
 
 
 @torch.no_grad()
-def evaluate(model, data, batch_size, device, ctx):
-    """ loss and metrics over the WHOLE set, in order """
+def evaluate(model, data, batch_size, device, ctx, names=LABELS, keep_outputs=False):
+    """ loss and metrics over the WHOLE set, in order; with keep_outputs, also each example's logits and prediction """
     model.eval()
-    gold, pred, loss_sum = [], [], 0.0
+    gold, pred, loss_sum, all_logits = [], [], 0.0, []
     for i in range(0, len(data), batch_size):
         x, lengths, y = collate(data[i:i + batch_size])
         with ctx:
@@ -312,8 +258,11 @@ def evaluate(model, data, batch_size, device, ctx):
         loss_sum += F.cross_entropy(logits, y.to(device), reduction='sum').item()
         gold += y.tolist()
         pred += logits.argmax(-1).tolist()
+        if keep_outputs:
+            all_logits += logits.cpu().tolist()
     model.train()
-    return {'loss': loss_sum / len(data), **metrics(gold, pred)}
+    outputs = {'predictions': pred, 'labels': gold, 'logits': all_logits} if keep_outputs else {}
+    return {'loss': loss_sum / len(data), **metrics(gold, pred, names), **outputs}
 
 
 def describe(m):
@@ -361,19 +310,20 @@ def load_bundle(path, device='cpu'):
     return model.to(device), config, read_json(os.path.join(path, 'tokenizer.json'))
 
 
-def bundle_config(info, arch, args):
+def bundle_config(info, arch, args, names=LABELS):
     """ config.json: all it takes to rebuild the classifier (GPTBatched(...) + head) without the pretrained file """
     return {'format_version': FORMAT_VERSION, 'kind': 'nli_classifier', 'vocab_size': info['vocab_size'],
             'num_layers': info['num_layers'], 'num_heads': info['num_heads'], 'model_dim': info['model_dim'],
-            'head_dim': info['head_dim'], 'max_seq_len': args.block_size, 'arch': arch, 'num_classes': len(LABELS),
-            'labels': list(LABELS), 'dropout': args.dropout,
+            'head_dim': info['head_dim'], 'max_seq_len': args.block_size, 'arch': arch, 'num_classes': len(names),
+            'labels': list(names), 'dropout': args.dropout,
             'pretrained': {'path': args.pretrained_ckpt_path, 'format': info['format'], 'step': info['step'],
                            'val_loss': info['val_loss']}}
 
 
 def check_arch(args, arch, source):
     """ the optional architecture flags must agree with the checkpoint: they are checks, never settings """
-    for flag, key in (('n_layer', 'num_layers'), ('n_head', 'num_heads'), ('n_embd', 'model_dim')):
+    for flag, key in (('n_layer', 'num_layers'), ('n_head', 'num_heads'), ('n_embd', 'model_dim'),
+                      ('vocab_size', 'vocab_size')):
         value = getattr(args, flag)
         if value is not None and value != arch[key]:
             raise CheckpointError(f'--{flag} {value} does not match {source}, which has {key} = {arch[key]}; '
@@ -383,10 +333,13 @@ def check_arch(args, arch, source):
 # -----------------------------------------------------------------------------
 
 
-def build_model(args, last_dir):
+def build_model(args, last_dir, names):
     """ (classifier, config, tokenizer spec, training state): from last/ on --resume, else the pretrained file """
     if args.resume and os.path.isdir(last_dir):
         model, config, spec = load_bundle(last_dir, args.device)
+        if config['labels'] != list(names):
+            raise CheckpointError(f"{last_dir} was trained for the classes {', '.join(config['labels'])}, but the data "
+                                  f"has {', '.join(names)}: resume it on its own task, or start in another --out_dir")
         model.drop.p = config['dropout'] = args.dropout
         check_arch(args, config, last_dir)
         started = (config.get('pretrained') or {}).get('path')
@@ -395,7 +348,7 @@ def build_model(args, last_dir):
                                   f'--pretrained_ckpt_path names {args.pretrained_ckpt_path}: drop '
                                   '--pretrained_ckpt_path to continue that run, or start the new one in another '
                                   '--out_dir (or without --resume)')
-        if args.tokenizer_name and hf_spec_from_file(args.tokenizer_name) != spec:
+        if args.tokenizer_name and find_tokenizer(args.tokenizer_name, args.tokenizer_dir)[0] != spec:
             raise TokenizerError(f'--tokenizer_name {args.tokenizer_name} is not the tokenizer {last_dir} was '
                                  'trained with')
         if args.block_size > config['max_seq_len']:
@@ -404,13 +357,15 @@ def build_model(args, last_dir):
         return model, config, spec, read_json(os.path.join(last_dir, 'training_state.json'))
     if args.resume:
         print(f'--resume: nothing in {last_dir} yet, starting from the pretrained checkpoint')
-    if not (args.pretrained_ckpt_path and args.tokenizer_name):
-        raise CheckpointError(f'nothing to resume in {last_dir}; name --pretrained_ckpt_path and --tokenizer_name')
+    if not args.pretrained_ckpt_path:
+        raise CheckpointError(f'nothing to resume in {last_dir}; name --pretrained_ckpt_path')
+    spec, where = find_tokenizer(args.tokenizer_name or 'gpt2', args.tokenizer_dir)
+    print(f'tokenizer: {where}' + ('' if args.tokenizer_name else ' (the default; --tokenizer_name names another)'))
     backbone, info, _ = load_pretrained_checkpoint(args.pretrained_ckpt_path, device=args.device,
                                                    num_heads=args.n_head, max_seq_len=args.block_size)
     check_arch(args, info, args.pretrained_ckpt_path)
-    model = NLIClassifier(backbone, len(LABELS), args.dropout).to(args.device)
-    return model, bundle_config(info, backbone.arch, args), hf_spec_from_file(args.tokenizer_name), None
+    model = NLIClassifier(backbone, len(names), args.dropout).to(args.device)
+    return model, bundle_config(info, backbone.arch, args, names), spec, None
 
 
 def same_file(a, b):
@@ -429,35 +384,58 @@ def refuse_distributed_launch():
                  'single process, with plain `python finetune_hindi_xnli.py ...`.')
 
 
+def accepted_flags(args):
+    """ the fork's flags that mean nothing here are said so, never silently ignored """
+    if args.force_tokenization:
+        print('note: --force_tokenization: this script keeps no tokenized cache; it tokenizes on every run')
+    if args.eval_iters is not None:
+        print(f'note: --eval_iters {args.eval_iters} is not used: every evaluation covers the whole validation split')
+    evaluation = ('checkpoint_path', 'datasets', 'dataset_labels', 'dataset_config', 'output_dir')
+    unused = [f'--{k}' for k in evaluation if getattr(args, k) is not None] + (
+        ['--split'] if args.split != 'test' else [])
+    if unused and not args.eval_only:
+        print(f'note: {", ".join(unused)} apply to --eval_only only, and are not used by this training run')
+
+
+def autocast(args):
+    """ (autocast context, GradScaler) for --device / --dtype """
+    cuda = torch.device(args.device).type == 'cuda'
+    if args.dtype != 'float32' and not cuda:
+        print(f'note: --dtype {args.dtype} autocasts on cuda only; computing in float32 on {args.device}')
+    ctx = torch.autocast('cuda', dtype=getattr(torch, args.dtype)) if cuda and args.dtype != 'float32' else nullcontext()
+    return ctx, torch.amp.GradScaler('cuda', enabled=cuda and args.dtype == 'float16')
+
+
 def main(args):
     refuse_distributed_launch()  # before any work
+    accepted_flags(args)
+    if args.eval_only:
+        return evaluate_only(args)
     torch.manual_seed(args.seed)
     device, last_dir, best_dir = args.device, os.path.join(args.out_dir, 'last'), os.path.join(args.out_dir, 'best')
-    cuda = torch.device(device).type == 'cuda'
-    if args.dtype != 'float32' and not cuda:
-        print(f'note: --dtype {args.dtype} autocasts on cuda only; computing in float32 on {device}')
-    ptdtype = getattr(torch, args.dtype)
-    ctx = torch.autocast('cuda', dtype=ptdtype) if cuda and args.dtype != 'float32' else nullcontext()
-    scaler = torch.amp.GradScaler('cuda', enabled=cuda and args.dtype == 'float16')
+    ctx, scaler = autocast(args)
     for d in (last_dir, best_dir):
         recover(d)  # finish a save that a crash interrupted
 
-    model, config, spec, state = build_model(args, last_dir)
+    examples, valid, test, sources = load_splits(args)
+    train, names = examples.rows, examples.names
+    model, config, spec, state = build_model(args, last_dir, names)
     tok = load_tokenizer(spec)
     sep = separator(tok)
-    train, valid, test, sources = load_splits(args)
     encode = lambda data, name: encode_dataset(data, tok, sep, args.block_size, config['vocab_size'], name)
     train, valid, test = encode(train, 'train'), encode(valid, 'valid'), test and encode(test, 'test')
     print(f"data ({args.language}): train {len(train)} from {sources['train']}, valid {len(valid)} from "
           f"{sources['valid']}, test {len(test) if test else 0} from {sources['test'] or '(no test set)'}; "
-          f'separator ids {sep}')
+          f"classes {', '.join(names)}; separator ids {sep}")
 
-    counts = torch.bincount(torch.tensor([y for _, y in train]), minlength=len(LABELS)).float()
-    weight = (counts.sum() / (len(LABELS) * counts.clamp(min=1))).to(device) if args.class_weights else None
+    counts = torch.bincount(torch.tensor([y for _, y in train]), minlength=len(names)).float()
+    weight = (counts.sum() / (len(names) * counts.clamp(min=1))).to(device) if args.class_weights else None
     optimizer = make_optimizer(model, args)
-    steps_per_epoch = math.ceil(len(train) / args.batch_size)
+    accum = args.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(train) / (args.batch_size * accum))
     total_steps = min(args.num_epochs * steps_per_epoch, args.max_steps or math.inf)
     warmup_steps = int(args.warmup_ratio * total_steps)
+    schedule = (lambda step: 1.0) if args.no_decay_lr else (lambda step: lr_factor(step, total_steps, warmup_steps))
     eval_interval = args.eval_interval or steps_per_epoch
     step, best, history = 0, None, []
     if state is not None:
@@ -470,8 +448,9 @@ def main(args):
         best_state = os.path.join(best_dir, 'training_state.json')
         best = read_json(best_state)['best'] if os.path.isfile(best_state) else state.get('best')
         if (state.get('data'), state.get('steps_per_epoch')) != (sources, steps_per_epoch):
-            print(f'warning: the data, its split (--seed) or --batch_size differ from the run saved in {last_dir}: '
-                  f'from step {step} on, the batches are not the ones that run would have seen')
+            print(f'warning: the data, its split (--seed), --batch_size or --gradient_accumulation_steps differ from '
+                  f'the run saved in {last_dir}: from step {step} on, the batches are not the ones that run would '
+                  'have seen')
         set_rng_state(state['rng'])
         so_far = 'none' if best is None else f"accuracy {best['accuracy']:.4f} at step {best['step']}"
         print(f'resuming from {last_dir} at step {step} (epoch {step / steps_per_epoch:.2f}) of {total_steps}; '
@@ -488,25 +467,32 @@ def main(args):
 
     model.train()
     order_epoch, window, since_eval, t0 = None, [], [], time.time()
+    per_step = args.batch_size * accum
     while step < total_steps:
         epoch, b = divmod(step, steps_per_epoch)
         if epoch != order_epoch:  # the order depends on (seed, epoch) only: a resumed run sees the same batches
             generator = torch.Generator().manual_seed(args.seed + epoch)
             order = torch.randperm(len(train), generator=generator).tolist()
             order_epoch = epoch
-        x, lengths, y = collate([train[i] for i in order[b * args.batch_size:(b + 1) * args.batch_size]])
-        set_lr(optimizer, lr_factor(step, total_steps, warmup_steps))
-        with ctx:
-            logits = model(x.to(device), lengths)
-        loss = F.cross_entropy(logits.float(), y.to(device), weight=weight)
+        examples = order[b * per_step:(b + 1) * per_step]
+        set_lr(optimizer, schedule(step))
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        loss_sum = 0.0
+        # micro-batches; the loss is the (weighted) mean over the whole step, as one batch of them would give
+        total = len(examples) if weight is None else weight[[train[i][1] for i in examples]].sum()
+        for m in range(0, len(examples), args.batch_size):
+            x, lengths, y = collate([train[i] for i in examples[m:m + args.batch_size]])
+            with ctx:
+                logits = model(x.to(device), lengths)
+            loss = F.cross_entropy(logits.float(), y.to(device), weight=weight, reduction='sum') / total
+            scaler.scale(loss).backward()
+            loss_sum += loss.item()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         step += 1
-        window.append(loss.item())
+        window.append(loss_sum)
         since_eval.append(window[-1])
         if step % args.log_interval == 0 or step == total_steps:
             lrs, mean = {g['name']: g['lr'] for g in optimizer.param_groups}, sum(window) / len(window)
@@ -516,7 +502,7 @@ def main(args):
                 run.log({'train/loss': mean, 'lr/pretrained': lrs['pretrained'], 'lr/head': lrs['head']}, step=step)
             window, t0 = [], time.time()
         if step % eval_interval == 0 or step == total_steps:
-            val = evaluate(model, valid, args.batch_size * 2, device, ctx)
+            val = evaluate(model, valid, args.batch_size * 2, device, ctx, names)
             history.append({'step': step, 'train_loss': sum(since_eval) / len(since_eval),
                             **{k: val[k] for k in ('loss', 'accuracy', 'macro_f1')}})
             since_eval = []
@@ -540,22 +526,85 @@ def main(args):
     model = load_bundle(best_dir, device)[0]
     print(f"best: step {best['step']}, val {describe(best)}")
     if test:
-        res = {'split': 'test', 'test_file': sources['test'], **evaluate(model, test, args.batch_size * 2, device, ctx)}
+        res = {'split': 'test', 'test_file': sources['test'], **evaluate(model, test, args.batch_size * 2, device, ctx, names)}
     else:
         res = {'split': 'validation', 'note': 'no test set was given, so these are the best validation metrics',
                **{k: v for k, v in best.items() if k != 'step'}}
-    res.update(labels=list(LABELS), language=args.language, best_step=best['step'], checkpoint=best_dir,
+    res.update(labels=list(names), language=args.language, best_step=best['step'], checkpoint=best_dir,
                best_validation=best)
     write_json(os.path.join(args.out_dir, 'results.json'), res)
     print(f"{res['split']} ({res['num_examples']} examples): {describe(res)}")
     print('confusion matrix (rows gold, columns predicted):')
-    print(f"{'':>14}" + ''.join(f'{l:>14}' for l in LABELS))
-    for label, row in zip(LABELS, res['confusion_matrix']):
+    print(f"{'':>14}" + ''.join(f'{l:>14}' for l in names))
+    for label, row in zip(names, res['confusion_matrix']):
         print(f'{label:>14}' + ''.join(f'{n:>14}' for n in row))
     print(f"results written to {os.path.join(args.out_dir, 'results.json')}")
     if run:
         run.summary.update({f"{res['split']}/{k}": res[k] for k in ('accuracy', 'macro_f1', 'loss')})
         run.finish()
+
+
+def evaluate_only(args):
+    """ the fork's evaluate.py: a fine-tuned bundle scored on one or more datasets' splits, results_<label>.json each """
+    checkpoint = args.checkpoint_path or os.path.join(args.out_dir, 'best')
+    if not os.path.isdir(checkpoint):
+        raise CheckpointError(f'--eval_only: {checkpoint} does not exist; expected the best/ (or last/) directory this '
+                              'script writes (--checkpoint_path DIR, or the --out_dir of the training run)')
+    recover(checkpoint)
+    model, config, spec = load_bundle(checkpoint, args.device)
+    ctx, _ = autocast(args)
+    tok = load_tokenizer(spec)
+    sep, names = separator(tok), config['labels']
+    val = read_json(os.path.join(checkpoint, 'training_state.json')).get('metrics') or {}
+    output_dir = args.output_dir or args.out_dir
+    for label, examples, where in evaluation_sets(args, names):
+        data = encode_dataset(examples.rows, tok, sep, config['max_seq_len'], config['vocab_size'], where)
+        r = evaluate(model, data, args.batch_size * 2, args.device, ctx, names, keep_outputs=True)
+        result = {'dataset': where, 'config': args.dataset_config, 'split': args.split, 'class_names': names,
+                  **{k: r[k] for k in ('num_examples', 'predictions', 'labels', 'logits', 'accuracy', 'f1_score',
+                                       'f2_score', 'recall', 'confusion_matrix', 'loss', 'macro_f1', 'per_class')}}
+        path = os.path.join(output_dir, f'results_{label}.json')
+        write_json(path, {'checkpoint_path': checkpoint, 'checkpoint_info': {
+            'val_loss': val.get('loss'), 'val_accuracy': val.get('accuracy'), 'val_f2': val.get('f2_score')},
+            'text_columns': examples.text_columns, 'label_column': examples.label_column, 'split': args.split,
+            'results': {label: result}})
+        print(f"{label}: {where}, {r['num_examples']} examples: accuracy {r['accuracy']:.4f}, f1 {r['f1_score']:.4f}, "
+              f"f2 {r['f2_score']:.4f}, recall {r['recall']:.4f}; written to {path}")
+
+
+def evaluation_sets(args, names):
+    """ (label, Examples, where) for each --datasets entry, or for the data the training flags name """
+    if not args.datasets:
+        train, valid, test, sources = load_splits(args)
+        picked = {'test': test, 'validation': valid, 'valid': valid, 'train': train.rows}.get(args.split)
+        key = {'validation': 'valid'}.get(args.split, args.split)
+        if picked is None:
+            raise DataError(f'--split {args.split}: the data has no such split (train, validation and test are '
+                            f'read; test from {sources["test"] or "nowhere: no test set was found"})')
+        check_classes(train.names, names, sources[key])
+        yield args.dataset, train._replace(rows=picked), sources[key]
+        return
+    for i, name in enumerate(args.datasets):
+        label = args.dataset_labels[i] if args.dataset_labels else os.path.basename(os.path.normpath(name))
+        if not is_plain_name(label):
+            raise DataError(f'--dataset_labels: {label!r} cannot name a file results_<label>.json; use letters, '
+                            'digits, -, _ and .')
+        source = argparse.Namespace(**{**vars(args), 'parent_dataset': name, 'dataset': args.dataset_config,
+                                       'no_subset': args.dataset_config is None})
+        tables, origin = dataset_splits(source)
+        if args.split not in tables:
+            raise DataError(f'--split {args.split}: {origin} has no such split; found {", ".join(tables)}')
+        where = f'{origin} [{args.split}]'
+        examples = read_examples(where, args.language, args.text_column, args.label_column, len(names),
+                                 table=tables[args.split])
+        check_classes(examples.names, names, where)
+        yield label, examples, where
+
+
+def check_classes(found, names, where):
+    if list(found) != list(names):
+        raise DataError(f'{where} has the classes {", ".join(found)}, but the model was fine-tuned for '
+                        f'{", ".join(names)}: evaluate it on data of its own task')
 
 
 if __name__ == '__main__':

@@ -93,3 +93,33 @@ def make_xnli_data(root, n_dev=1200, n_test=300, seed=0):
 
 def round_up(n, multiple=128):
     return -(-n // multiple) * multiple
+
+
+def make_hf_datasets(root, n_train=240, n_valid=60, n_test=90, seed=0):
+    """
+    The same Hindi examples as Hugging Face `datasets` data, made by `datasets` itself, in root/hf/:
+      xnli-hi/        a local dataset folder: {train,validation,test}.parquet (premise, hypothesis, label as int)
+      xnli-hi-disk/   a DatasetDict.save_to_disk directory whose label column is a ClassLabel with XNLI's names
+      negation/       a single-text binary task: sentence, label (1 when it holds नहीं), as parquet files
+    Returns root/hf.
+    """
+    import datasets
+    datasets.disable_progress_bars()
+    out = root / 'hf'
+    splits = {'train': make_examples(n_train, seed), 'validation': make_examples(n_valid, seed + 1),
+              'test': make_examples(n_test, seed + 2)}
+    features = datasets.Features({'premise': datasets.Value('string'), 'hypothesis': datasets.Value('string'),
+                                  'label': datasets.ClassLabel(names=list(LABELS))})
+    for folder in ('xnli-hi', 'negation'):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    for name, examples in splits.items():
+        columns = {'premise': [p for p, _, _ in examples], 'hypothesis': [h for _, h, _ in examples],
+                   'label': [y for _, _, y in examples]}
+        datasets.Dataset.from_dict(columns).to_parquet(str(out / 'xnli-hi' / f'{name}.parquet'))
+        sentences = [h for _, h, _ in examples]
+        datasets.Dataset.from_dict({'sentence': sentences, 'label': [int('नहीं' in s) for s in sentences]}).to_parquet(
+            str(out / 'negation' / f'{name}.parquet'))
+    datasets.DatasetDict({name: datasets.Dataset.from_dict(
+        {'premise': [p for p, _, _ in ex], 'hypothesis': [h for _, h, _ in ex], 'label': [y for _, _, y in ex]},
+        features=features) for name, ex in splits.items()}).save_to_disk(str(out / 'xnli-hi-disk'))
+    return out
