@@ -455,6 +455,9 @@ def main(args):
         so_far = 'none' if best is None else f"accuracy {best['accuracy']:.4f} at step {best['step']}"
         print(f'resuming from {last_dir} at step {step} (epoch {step / steps_per_epoch:.2f}) of {total_steps}; '
               f'best so far: {so_far}')
+        if step >= total_steps:
+            print(f'note: {last_dir} is already at step {step}, not below this run\'s {total_steps} steps '
+                  '(--num_epochs, --max_steps): nothing is trained; best/ is scored again')
 
     run = None
     if args.wandb_log:
@@ -557,7 +560,10 @@ def evaluate_only(args):
     sep, names = separator(tok), config['labels']
     val = read_json(os.path.join(checkpoint, 'training_state.json')).get('metrics') or {}
     output_dir = args.output_dir or args.out_dir
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise CheckpointError(f'--output_dir {output_dir} is a file; expected a directory for results_<label>.json')
     for label, examples, where in evaluation_sets(args, names):
+        os.makedirs(output_dir, exist_ok=True)
         data = encode_dataset(examples.rows, tok, sep, config['max_seq_len'], config['vocab_size'], where)
         r = evaluate(model, data, args.batch_size * 2, args.device, ctx, names, keep_outputs=True)
         result = {'dataset': where, 'config': args.dataset_config, 'split': args.split, 'class_names': names,

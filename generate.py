@@ -11,14 +11,33 @@ import torch
 
 from core.checkpoint import CheckpointError
 from core.args import Parser, at_least
-from core.cli import DTYPES, add_checkpoint_args, check_device, open_checkpoint, run
+from core.cli import DTYPES, SetupError, add_checkpoint_args, check_device, open_checkpoint, run
 from core.tokenizer import load_tokenizer
+
+
+def read_prompt(start):
+    """ --start as given, or the text of FILE:path """
+    if not start.startswith('FILE:'):
+        return start
+    path = start[len('FILE:'):]
+    try:
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+    except OSError as e:
+        raise SetupError(f'--start FILE:{path}: the prompt file could not be read ({e.strerror}); expected a UTF-8 '
+                         'text file') from None
+    except UnicodeDecodeError:
+        raise SetupError(f'--start FILE:{path}: the prompt file is not UTF-8 text; expected a UTF-8 text file') from None
+    if not text:
+        raise SetupError(f'--start FILE:{path}: the prompt file is empty; to sample without a prompt, leave --start out')
+    return text
 
 
 def main(args):
     check_device(args.device)
     if not args.temperature > 0:
         raise CheckpointError(f'--temperature {args.temperature}: it must be above 0 (1.0 = no change, < 1.0 = less random)')
+    start = read_prompt(args.start) # before the model is read: a wrong prompt file is said at once
     ck = open_checkpoint(args)
     if ck.tokenizer is None:
         raise CheckpointError(f'{ck.path} stores no vocabulary, so its tokens cannot be decoded; '
@@ -33,10 +52,6 @@ def main(args):
     ptdtype = getattr(torch, args.dtype)
     ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
 
-    start = args.start
-    if start.startswith('FILE:'):
-        with open(start[5:], 'r', encoding='utf-8') as f:
-            start = f.read()
     start_ids = tokenizer.encode(start) or [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
     x = torch.tensor(start_ids, dtype=torch.long, device=args.device)[None, ...]
     with torch.no_grad(), ctx:

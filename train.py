@@ -11,6 +11,7 @@ them, and carries the optimizer state over by parameter name.
 """
 
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -223,6 +224,10 @@ model_args = {k: config[k] for k in BASE_FIELDS + ADAPTER_FIELDS + ('dropout',) 
 resume_path = resume_from or (out_dir if init_from == 'resume' or (model_name and find_checkpoint(out_dir)) else '')
 if init_from not in ('scratch', 'resume'):
     resume_path = init_from # a path: any bundle, legacy file or Hugging Face GPT-2 directory
+    if init_from.startswith('gpt2') and not os.path.exists(init_from):
+        fail(f"init_from = {init_from!r}: OpenAI's GPT-2 weights are not downloaded by this train.py; save them as a "
+             "Hugging Face directory (GPT2LMHeadModel.from_pretrained('gpt2').save_pretrained('gpt2-hf')) and pass "
+             "init_from=gpt2-hf")
 ckpt = None
 if not resume_path:
     log("Initializing a new model from scratch")
@@ -236,7 +241,7 @@ if not resume_path:
 else:
     # --- smart resume: the checkpoint decides the base, this config the adapters; the key mapping lives in
     # model.load_universal_state_dict, the file formats in core/checkpoint.py ---
-    log(f"Resuming training from {resume_path}")
+    log(f"{'Initializing from' if init_from not in ('scratch', 'resume') else 'Resuming training from'} {resume_path}")
     try:
         ckpt = read_checkpoint(resume_path)
         ckpt.weights() # a GPT whose config.json describes its weights, checked before anything is built
@@ -274,6 +279,13 @@ else:
     model.tokenizer_spec = ckpt.tokenizer or meta['tokenizer']
     iter_num = ckpt.step
     best_val_loss = ckpt.best_val_loss if ckpt.best_val_loss is not None else 1e9
+# a resume that trains no step: evaluated, and saved only where it cannot overwrite what it read (deploy_standard.py
+# writes the merged model to a new out_dir this way); its own checkpoint is never rewritten untrained
+in_place = ckpt is not None and os.path.realpath(out_dir) == os.path.realpath(ckpt.path)
+if ckpt is not None and iter_num >= max_iters and not eval_only:
+    log(f"note: max_iters = {max_iters} is not above the checkpoint's step {iter_num}: no step is trained; "
+        + (f"{out_dir} is left as it is (raise max_iters to train on)" if in_place else
+           f"the model is evaluated and saved to {out_dir} as this run's configuration"))
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 log(f"tokens per iteration will be: {tokens_per_iter:,}")
 for split in ('train', 'val'): # every batch draws block_size + 1 tokens from the split
@@ -333,6 +345,15 @@ raw_model = model.module if ddp else model # unwrap DDP container if needed
 raw_model = getattr(raw_model, '_orig_mod', raw_model) # and torch.compile's wrapper
 running_mfu = -1.0
 saved = False
+saved_step = ckpt.step if in_place else None
+
+def interrupted(signum, frame):
+    # Ctrl-C: where the run stands, not a traceback from inside the optimizer (a save in progress is rolled back)
+    where = (f"{out_dir} holds the checkpoint of step {saved_step}; continue with the same command plus "
+             f"--resume_from={out_dir}" if saved_step is not None else "no checkpoint was saved")
+    log(f"\ninterrupted at iter {iter_num}: {where}")
+    sys.exit(130)
+signal.signal(signal.SIGINT, interrupted)
 while True:
 
     # determine and set the learning rate for this iteration
@@ -354,14 +375,14 @@ while True:
                   f"(|diff| {abs(losses['val'] - stored):.1e}{why})")
         if wandb_log:
             wandb_run.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr,
-                       "mfu": running_mfu*100})
+                           **({"mfu": running_mfu*100} if running_mfu >= 0 else {})}) # -1: not measured yet
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
-            if iter_num > 0 and not eval_only: # an evaluation alone never rewrites the checkpoint it read
+            if iter_num > 0 and not eval_only and not (in_place and local_iter_num == 0): # nor re-saves it untrained
                 try:
                     save_checkpoint(out_dir, raw_model, optimizer if save_optimizer else None, iter_num,
                                     best_val_loss, losses['val'], config, scaler, rng_before_batch)
-                    saved = True
+                    saved, saved_step = True, iter_num
                 except (CheckpointError, CheckpointMismatchError) as e: # disk full; a diverged adapter (NaN)
                     fail(e)
                 if wandb_log:
@@ -389,6 +410,8 @@ while True:
 # a run that writes no checkpoint says why, so an unchanged out_dir is no surprise
 if eval_only:
     log("note: eval_only = True: nothing was saved (an evaluation never rewrites a checkpoint)")
+elif not saved and in_place and local_iter_num == 0:
+    pass # said before the loop
 elif not saved and iter_num == 0:
     convert = f"; python convert_checkpoints.py {resume_path} --to bundle DIR writes it as a bundle" if resume_path else ''
     log(f"note: nothing was saved to {out_dir}: no step was trained (max_iters = {max_iters}){convert}")

@@ -10,6 +10,10 @@ import sys
 
 class Parser(argparse.ArgumentParser):
 
+    def __init__(self, *args, **kwargs):
+        # a mistyped --num_epoch is refused, not taken as --num_epochs (train.py's configurator refuses it too)
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message):
         self.print_usage(sys.stderr)
         self.exit(1, f'{self.prog}: error: {message}\n')

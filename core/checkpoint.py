@@ -314,7 +314,8 @@ class Checkpoint:
 
     def require_gpt(self):
         if not KINDS[self.kind].gpt:
-            raise CheckpointError(f'{self.path} is a {KINDS[self.kind].title}: it holds no GPT language model to '
+            title = KINDS[self.kind].title
+            raise CheckpointError(f'{self.path} is a {title[0].lower() + title[1:]}: it holds no GPT language model to '
                                   'train, sample from or convert. inspect_model.py shows what it holds.')
 
     def file(self, name):

@@ -18,7 +18,7 @@ from core.tokenizer import TokenizerError
 
 
 class SetupError(Exception):
-    """ what this machine cannot do for a run (a device, a wandb login): said in one paragraph """
+    """ a run that cannot start as asked (a device this machine lacks, no wandb login, a prompt file): one paragraph """
 
 
 CLEAR_ERRORS = (CheckpointError, CheckpointMismatchError, TokenizerError, SetupError, OSError)

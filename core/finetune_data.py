@@ -18,7 +18,7 @@ from core.tokenizer import TokenizerError, hf_spec_from_file
 
 LABELS = ('entailment', 'neutral', 'contradiction')  # XNLI's class ids 0, 1, 2, as in Hugging Face datasets
 TEXT_FILES = ('.tsv', '.csv', '.jsonl', '.json')  # read by read_table
-DATASETS_FILES = {'.parquet': 'parquet', '.arrow': 'arrow'}  # read by `datasets` (its builder names)
+DATASETS_FILES = ('.parquet', '.arrow')  # read by `datasets`
 VALID_SPLITS = ('validation', 'valid', 'dev')  # the names datasets on the hub give a validation split
 
 
@@ -37,7 +37,7 @@ class DataError(ValueError):
 def read_table(path):
     """ a .tsv (XNLI release), .csv, .jsonl / .json (JSON lines or a list) file; parquet / arrow via `datasets` """
     ext = os.path.splitext(path)[1].lower()
-    if ext not in TEXT_FILES + tuple(DATASETS_FILES):
+    if ext not in TEXT_FILES + DATASETS_FILES:
         raise DataError(f'{path}: unknown file type {ext or "(none)"!r}; expected .tsv (the XNLI 1.0 release), '
                         '.jsonl/.json (JSON lines), .csv, .parquet or .arrow')
     if not os.path.isfile(path):
@@ -46,8 +46,12 @@ def read_table(path):
                         '--test_file)')
     if ext in DATASETS_FILES:
         datasets = import_datasets()
-        try:
-            split = datasets.load_dataset(DATASETS_FILES[ext], data_files={'data': path}, split='data')
+        try: # read in place: no copy in the datasets cache (the features, ClassLabel names too, are in the file)
+            if ext == '.parquet':
+                import pyarrow.parquet
+                split = datasets.Dataset(pyarrow.parquet.read_table(path))
+            else:
+                split = datasets.Dataset.from_file(path)
         except Exception as e:  # pyarrow's and datasets' own errors: the message is theirs, the file is named
             raise DataError(f'{path} could not be read as {ext} by datasets: {e}') from None
         return dataset_table(split)
@@ -144,9 +148,11 @@ def read_examples(path, language='hi', text_columns=None, label_column=None, num
             raise DataError(f'{path} {where}: unknown label {row.get(want[-1])!r} in column {want[-1]!r}{unlabeled}; '
                             f'expected 0 to {len(names) - 1} or {", ".join(names)} (--num_classes {len(names)})')
         examples.append(tuple(row.get(c) or '' for c in want[:-1]) + (label,))
+    if not examples and not languages:
+        raise DataError(f'{path} has no examples: it has no data rows')
     if not examples:
-        found = f'languages found: {", ".join(sorted(languages))}' if languages else 'it has no data rows'
-        raise DataError(f'{path} has no examples for language {language!r} (--language); {found}')
+        raise DataError(f'{path} has no examples for language {language!r} (--language); languages found: '
+                        f'{", ".join(sorted(languages))}')
     return Examples(examples, names, want[:-1], want[-1])
 
 

@@ -111,8 +111,8 @@ def export_nanogpt(model, path, step=0, best_val_loss=None, named_optimizer=None
     goes beside it as nanoGPT's meta.pkl, which its sample.py reads from data/<dataset>/. Returns the files written.
     """
     from core.commit import atomic_write
-    if Path(path).is_dir():
-        raise CheckpointError(f'{path} is a directory: a nanoGPT checkpoint is one file; name it, e.g. {Path(path) / "ckpt.pt"}')
+    if Path(path).is_dir() or str(path).endswith(('/', os.sep)):
+        raise CheckpointError(f'{path} names a directory: a nanoGPT checkpoint is one file; name it, e.g. {Path(path) / "ckpt.pt"}')
     config = model.config
     extra = [f for f in ('n_hidden', 'activation') if getattr(config, f) != {'n_hidden': 4 * config.n_embd,
                                                                               'activation': 'gelu'}[f]]

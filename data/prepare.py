@@ -61,14 +61,16 @@ def read_text_file(path):
     except UnicodeDecodeError as e:
         raise DatasetError(f"the input {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}: "
                            f"{e.reason}; a binary file?); expected a UTF-8 text file") from None
+    except FileNotFoundError:
+        raise DatasetError(f"the input {path} does not exist; expected a UTF-8 text file") from None
     except OSError as e:
-        raise DatasetError(f"could not read the input text file {path}: expected a UTF-8 text file, found error: {e}") from None
+        raise DatasetError(f"the input {path} could not be read ({e.strerror}); expected a UTF-8 text file") from None
     if not text:
         raise DatasetError(f"the input {path} is empty; expected a UTF-8 text file with the text to train on")
     return text
 
 
-def shakespeare_text(out_dir):
+def shakespeare_text(out_dir, dataset):
     path = out_dir / "input.txt"
     if not path.exists():
         print(f"downloading tiny Shakespeare from {SHAKESPEARE_URL} to {path}")
@@ -81,7 +83,8 @@ def shakespeare_text(out_dir):
                 shutil.rmtree(out_dir, ignore_errors=True)
             raise DatasetError(
                 f"could not download tiny Shakespeare from {SHAKESPEARE_URL} ({e}). If this machine is "
-                "offline, get input.txt another way and pass it with --input FILE.") from None
+                f"offline, get input.txt another way and prepare it with: python data/prepare.py --dataset {dataset} "
+                "--input FILE") from None
     return read_text_file(path), str(path)
 
 
@@ -92,8 +95,11 @@ def prepare(dataset="pydocs_char", input_path=None, out_dir=None, tokenizer=None
         raise DatasetError(f"the dataset name {dataset!r} is not a plain name: expected letters, digits, '_', '-' and "
                            "'.' (not first), since it names the folder data/<dataset>; use --out_dir for another place")
     if dataset not in DATASETS and input_path is None:
+        prepared = sorted({d.name for root in (Path("data"), Path(__file__).parent) if root.is_dir()
+                           for d in root.iterdir() if (d / "meta.json").is_file()} - set(DATASETS))
         raise DatasetError(
-            f"unknown dataset {dataset!r}: the known datasets are {', '.join(DATASETS)}. "
+            f"unknown dataset {dataset!r}: the known datasets are {', '.join(DATASETS)}"
+            f"{'; prepared here: ' + ', '.join(prepared) if prepared else ''}. "
             "To use your own text, prepare it once: python data/prepare.py --dataset NAME --input FILE; then "
             "train with --dataset=NAME.")
     tokenizer = tokenizer or DATASETS.get(dataset, (None, "char"))[1]
@@ -110,7 +116,7 @@ def prepare(dataset="pydocs_char", input_path=None, out_dir=None, tokenizer=None
     elif DATASETS[dataset][0] == "pydocs":
         text, source = pydocs_text(), f"pydoc_data.topics (Python {platform.python_version()})"
     else:
-        text, source = shakespeare_text(out_dir)
+        text, source = shakespeare_text(out_dir, dataset)
     print(f"length of dataset in characters: {len(text):,}")
 
     spec = char_spec(text) if tokenizer == "char" else {"token_kind": "gpt2"}

@@ -16,7 +16,7 @@ from load_checkpoint_helper import make_random_checkpoint
 from core.checkpoint import read_checkpoint, save_bundle
 from model import GPT, GPTConfig
 from tests.helpers import run_script
-from tests.xnli_fixture import make_xnli_data, round_up
+from tests.xnli_fixture import make_hf_datasets, make_xnli_data, round_up
 
 # ----------------------------------------------------------------------------- files the cases use
 
@@ -107,6 +107,18 @@ def edited(d, name, file_name, **fields):
     return name
 
 
+def hub(d, *more):
+    """ a local dataset folder as --parent_dataset, the fork's way: hf/xnli-hi of tests/xnli_fixture.py """
+    make_hf_datasets(d, 30, 9, 9)
+    return ['--parent_dataset', 'hf/xnli-hi', '--no_subset', *more]
+
+
+def empty_parquet(d):
+    import datasets
+    datasets.Dataset.from_dict({'premise': [], 'hypothesis': [], 'label': []}).to_parquet(str(d / 'empty.parquet'))
+    return 'empty.parquet'
+
+
 def nli_file(d, name, text):
     return ['--train_file', file(d, name, text)]
 
@@ -134,6 +146,7 @@ CASES = {
         ('text file as checkpoint', lambda d: xnli(d) + ['--pretrained_ckpt_path', file(d, 'notes.txt')],
          'notes.txt is not a PyTorch checkpoint'),
         ('unknown flag', lambda d: xnli(d) + ['--bogus'], 'unrecognized arguments: --bogus'),
+        ('abbreviated flag', lambda d: xnli(d) + ['--num_epoch', '2'], 'unrecognized arguments: --num_epoch'),
         ('--batch_size 0', lambda d: xnli(d) + ['--batch_size', '0'], '--batch_size must be at least 1, found 0'),
         ('--learning_rate abc', lambda d: xnli(d) + ['--learning_rate', 'abc'],
          "argument --learning_rate: invalid float value: 'abc'"),
@@ -147,12 +160,29 @@ CASES = {
         ('binary data file', lambda d: xnli(d) + nli_file(d, 'train.tsv', b'\xff\xfe\x00garbage'),
          'train.tsv is not UTF-8 text'),
         ('tokenizer file missing', lambda d: xnli(d) + ['--tokenizer_name', 'nope.json'],
-         'expected a Hugging Face tokenizer.json file at nope.json'),
+         "no tokenizer 'nope.json': expected a Hugging Face tokenizer.json file at one of nope.json"),
+        ('labels outside --num_classes', lambda d: xnli(d) + hub(d, '--num_classes', '2'),
+         "hf/xnli-hi [train] row 1: unknown label 2 in column 'label'; expected 0 to 1 or 0, 1 (--num_classes 2)"),
+        ('a text column the data lacks', lambda d: xnli(d) + hub(d, '--text_column', 'premise-phoneme', 'hypothesis'),
+         "hf/xnli-hi [train] has no column 'premise-phoneme'"),
+        ('an empty split', lambda d: xnli(d) + ['--train_file', empty_parquet(d)],
+         'empty.parquet has no examples: it has no data rows'),
+        ('an unreadable parquet file', lambda d: xnli(d) + ['--train_file', file(d, 'train.parquet', b'not parquet')],
+         'train.parquet could not be read as .parquet by datasets'),
+        ('a hub dataset, offline', lambda d: xnli(d) + ['--parent_dataset', 'someone/nothing', '--no_subset'],
+         "datasets could not load 'someone/nothing'"),
+        ('--from_disk on a folder that is no saved dataset', lambda d: xnli(d) + ['--from_disk', '--parent_dataset',
+                                                                                folder(d)],
+         '--from_disk: adir could not be read by datasets.load_from_disk'),
+        ('a ClassLabel that disagrees with --num_classes', lambda d: xnli(d) + [
+            '--from_disk', '--parent_dataset', str(make_hf_datasets(d, 30, 9, 9) / 'xnli-hi-disk'), '--num_classes', '2'],
+         '--num_classes 2, but the label column is a ClassLabel with 3 classes: entailment, neutral, contradiction'),
     ],
     'data/prepare.py': [
         ('unknown tokenizer', lambda d: ['--dataset', 'x', '--input', file(d, 'in.txt'), '--tokenizer', 'bpe', '--out_dir', 'out'],
          "argument --tokenizer: invalid choice: 'bpe'"),
-        ('--input missing file', lambda d: ['--dataset', 'x', '--input', 'nope.txt', '--out_dir', 'out'], 'nope.txt'),
+        ('--input missing file', lambda d: ['--dataset', 'x', '--input', 'nope.txt', '--out_dir', 'out'],
+         'the input nope.txt does not exist; expected a UTF-8 text file'),
         ('--input empty file', lambda d: ['--dataset', 'x', '--input', file(d, 'empty.txt', ''), '--out_dir', 'out'],
          'the input empty.txt is empty'),
         ('--input binary file', lambda d: ['--dataset', 'x', '--input', file(d, 'blob.bin', b'\x80\x02\xff' * 9),
@@ -195,10 +225,11 @@ CASES = {
         ('a modded checkpoint', lambda d: ['--resume_from=' + modded(d)], 'tiny.pt is a modded-nanogpt checkpoint'),
         ('block size longer than the data', lambda d: ['--block_size=1000000'], 'but a batch needs block_size + 1'),
         ('resume from nothing', lambda d: ['--resume_from=nope'], 'no checkpoint at nope'),
+        ("nanoGPT's init_from=gpt2", lambda d: ['--init_from=gpt2'], "init_from = 'gpt2': OpenAI's GPT-2 weights are not"),
         ('resume from a text file', lambda d: ['--resume_from=' + file(d, 'notes.txt')], 'notes.txt could not be read'),
         ('resume from an empty directory', lambda d: ['--resume_from=' + folder(d)], 'no checkpoint in the directory adir'),
         ('resume from a classifier', lambda d: ['--resume_from=' + edited(d, 'best', 'config.json', kind='nli_classifier')],
-         'best is a Fine-tuned classifier'),
+         'best is a fine-tuned classifier'),
         ('config.json that disagrees with model.pt', lambda d: ['--resume_from=' + edited(d, 'b', 'config.json', n_layer=9)],
          'it says n_layer 9 (the weights have 2)'),
         ('other tokenizer than the data', lambda d: ['--resume_from=' + bundle(d)], 'was trained with another tokenizer'),
@@ -215,7 +246,10 @@ CASES = {
         ('--temperature 0', lambda d: ['--checkpoint', bundle(d), '--temperature', '0'], '--temperature 0.0'),
         ('--dtype float8', lambda d: ['--checkpoint', bundle(d), '--dtype', 'float8'], "invalid choice: 'float8'"),
         ('--device cuda without a GPU', lambda d: ['--checkpoint', bundle(d), '--device', 'cuda'], 'no CUDA GPU'),
-        ('prompt file missing', lambda d: ['--checkpoint', bundle(d), '--start', 'FILE:nope.txt'], 'nope.txt'),
+        ('prompt file missing', lambda d: ['--checkpoint', bundle(d), '--start', 'FILE:nope.txt'],
+         '--start FILE:nope.txt: the prompt file could not be read (No such file or directory)'),
+        ('prompt file empty', lambda d: ['--checkpoint', bundle(d), '--start', 'FILE:' + file(d, 'empty.txt', '')],
+         '--start FILE:empty.txt: the prompt file is empty'),
         ('a character the vocabulary lacks', lambda d: ['--checkpoint', bundle(d), '--start', '€'], "the character '€'"),
         ('damaged model.pt', lambda d: ['--checkpoint', damaged(d)], 'model.pt does not match its checksum'),
         ('--meta names a directory', lambda d: ['--checkpoint', hf_dir(d), '--meta', folder(d)],
@@ -251,10 +285,12 @@ CASES = {
         ('output that exists', lambda d: [bundle(d), '--to', 'nanogpt', file(d, 'notes.txt')], 'notes.txt already exists'),
         ('--out with two sources', lambda d: [modded(d, 'a.pt'), modded(d, 'b.pt'), '--out', 'x'], '--out takes one source'),
         ('a classifier', lambda d: [edited(d, 'best', 'config.json', kind='nli_classifier'), '--to', 'hf', 'hf'],
-         'best is a Fine-tuned classifier'),
+         'best is a fine-tuned classifier'),
         ('a modded checkpoint', lambda d: [modded(d)], 'tiny.pt is a modded-nanogpt checkpoint'),
+        ('--to nanogpt onto a path ending in /', lambda d: [bundle(d), '--to', 'nanogpt', 'new/sub/'],
+         'new/sub/ names a directory: a nanoGPT checkpoint is one file'),
         ('--to nanogpt onto a directory', lambda d: [bundle(d), '--to', 'nanogpt', folder(d)],
-         'adir is a directory: a nanoGPT checkpoint is one file; name it, e.g. adir/ckpt.pt'),
+         'adir names a directory: a nanoGPT checkpoint is one file; name it, e.g. adir/ckpt.pt'),
         ('--out names a file', lambda d: [legacy(d), '--out', file(d, 'notes.txt')],
          'notes.txt is a file: a checkpoint is written as a directory there'),
     ],
@@ -280,6 +316,8 @@ def broken_json(d):
     for name, build, expected in cases])
 def test_bad_input_exits_1_with_one_clear_message(script, build, expected, tmp_path, monkeypatch):
     monkeypatch.setenv('OMP_NUM_THREADS', '1')  # tiny models; and a busy 2-core machine slows 2-thread runs ~10x
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')  # hub names fail at once (online they would retry for 30 s)
+    monkeypatch.setenv('HF_DATASETS_CACHE', f'{tmp_path}-datasets-cache')  # its cache, outside the case's folder
     first = ['--max_iters=1', '--eval_iters=1'] if script == 'train.py' else [] # should a case stop failing, it ends soon
     args = build(tmp_path)
     before = sorted(tmp_path.rglob('*'))

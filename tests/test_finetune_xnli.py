@@ -349,6 +349,11 @@ def test_end_to_end_train_evaluate_and_resume(xnli, tmp_path):
         assert best_after == best_before
     assert json.loads((tmp_path / 'out' / 'results.json').read_text())['best_step'] == best_after['step']
 
+    # a resume that asks for fewer steps than last/ has trains nothing, and says so
+    _, out = run_script(SCRIPT, *common, '--num_epochs', 2, '--resume', cwd=tmp_path)
+    assert 'note: out/last is already at step 102, not below this run\'s 68 steps' in out
+    assert not re.findall(r'^step \d+/', out, re.M)
+
 
 def test_an_interrupted_and_resumed_run_ends_where_the_uninterrupted_run_ends(xnli, tmp_path, monkeypatch):
     # in-process (fast): the run is cut right after its save at step 3, then resumed. Only with the AdamW moments and

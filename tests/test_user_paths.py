@@ -208,3 +208,44 @@ def test_bad_input_under_torchrun_is_said_once(tmp_path):
     assert lines.count('Overriding: max_iters = -5') == 1, out
     # torchrun's own failure summary quotes the message instead of 'To enable traceback see ...'
     assert 'traceback : error: max_iters = -5 cannot be used' in out and 'To enable traceback' not in out
+
+
+def test_a_resume_that_trains_nothing_leaves_its_checkpoint_alone(tmp_path):
+    # max_iters at or below the checkpoint's step re-saved it untrained, as this run's (standard) model: the LoRA
+    # factors (adapter.pt) and the optimizer moments were lost without a word
+    from tests.helpers import TINY_LORA_CONFIG, run_train
+    run_train(tmp_path, TINY_LORA_CONFIG, '--out_dir', 'lora', '--max_iters', 4)
+    before = {p.name: p.read_bytes() for p in (tmp_path / 'lora').iterdir()}
+    out = run_train(tmp_path, '--init_from', 'resume', '--out_dir', 'lora', '--max_iters', 2)
+    assert "note: max_iters = 2 is not above the checkpoint's step 4: no step is trained; lora is left as it is" in out
+    assert 'saving checkpoint' not in out and 'nothing was saved' not in out
+    assert {p.name: p.read_bytes() for p in (tmp_path / 'lora').iterdir()} == before
+    # into another out_dir (config/deploy_standard.py's way) the untrained model is saved, and that is said
+    out = run_train(tmp_path, '--resume_from', 'lora', '--out_dir', 'deploy', '--max_iters', 0)
+    assert 'the model is evaluated and saved to deploy' in out and 'saving checkpoint to deploy' in out
+
+
+def test_ctrl_c_says_where_the_run_stands(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from tests.helpers import REPO, TINY_CONFIG
+    env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.Popen([sys.executable, str(REPO / 'train.py'), TINY_CONFIG, '--max_iters=100000',
+                             '--eval_interval=5', '--eval_iters=1', '--out_dir=run'], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout: # wait for the first save, then press Ctrl-C
+        lines.append(line)
+        if line.startswith('saving checkpoint'):
+            break
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    out = ''.join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=120) == 130, out
+    assert 'Traceback' not in out and 'KeyboardInterrupt' not in out
+    last = [l for l in out.splitlines() if l.startswith('interrupted at iter')]
+    assert len(last) == 1 and 'run holds the checkpoint of step' in last[0] and '--resume_from=run' in last[0], out
+    step = int(last[0].split('checkpoint of step ')[1].split(';')[0])
+    assert read_checkpoint(tmp_path / 'run').step == step >= 5

@@ -1,0 +1,165 @@
+"""
+finetune_hindi_xnli.py as the modded-nanogpt fork's users run it (issue 12): data through Hugging Face `datasets`
+(a local dataset folder as --parent_dataset, a save_to_disk folder, parquet files), any number of text columns and
+classes, the fork's flags, and --eval_only's results_<label>.json checked against scikit-learn. The data is tiny
+and made by `datasets` itself (tests/xnli_fixture.py: make_hf_datasets); everything runs offline.
+"""
+
+import argparse
+import json
+
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, fbeta_score, recall_score
+
+import finetune_hindi_xnli as ft
+from core.finetune_data import find_tokenizer
+from core.tokenizer import TokenizerError, hf_spec_from_file, load_tokenizer
+from load_checkpoint_helper import load_pretrained_checkpoint, make_random_checkpoint
+from tests.helpers import run_script
+from tests.xnli_fixture import LABELS, make_hf_datasets, round_up, train_tokenizer, make_examples
+
+SCRIPT = 'finetune_hindi_xnli.py'
+TINY = dict(num_layers=8, num_heads=2, model_dim=64, head_dim=32)
+
+
+@pytest.fixture(scope='module')
+def hf(tmp_path_factory):
+    """ the datasets, a BPE tokenizer for their text and a small-layout random checkpoint that fits it """
+    root = tmp_path_factory.mktemp('hf')
+    make_hf_datasets(root)
+    tokenizer = train_tokenizer([t for p, h, _ in make_examples(300, 0) for t in (p, h)], root / 'tokenizer.json')
+    vocab = round_up(load_tokenizer(hf_spec_from_file(tokenizer)).vocab_size)
+    ckpt = make_random_checkpoint(root / 'small.pt', layout='small', vocab_size=vocab, **TINY)
+    return argparse.Namespace(root=root, tokenizer=tokenizer, ckpt=ckpt)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
+    monkeypatch.setenv('HF_DATASETS_CACHE', str(tmp_path / 'datasets-cache'))
+
+
+def ours(hf):
+    """ what our script needs beyond the fork's command: the tiny checkpoint (not a known size: --n_head), its tokenizer """
+    return ['--pretrained_ckpt_path', hf.ckpt, '--tokenizer_name', hf.tokenizer, '--n_head', 2, '--device', 'cpu',
+            '--learning_rate', 2e-3, '--head_learning_rate', 3e-3]
+
+
+def test_the_forks_readme_command_then_eval_only_like_its_evaluate_py(hf, tmp_path):
+    # the fork's README command, with a local dataset folder in place of the hub name
+    fork = ['--no_subset', '--dataset', 'xnli-en-es-normal', '--parent_dataset', hf.root / 'hf' / 'xnli-hi',
+            '--text_column', 'premise', 'hypothesis', '--label_column', 'label', '--num_classes', 3, '--batch_size', 16,
+            '--num_epochs', 3]
+    _, out = run_script(SCRIPT, *fork, *ours(hf), '--out_dir', 'out', cwd=tmp_path)
+    where = hf.root / 'hf' / 'xnli-hi'
+    assert (f'train 240 from {where} [train], valid 60 from {where} [validation], test 90 from {where} [test]; '
+            'classes entailment, neutral, contradiction') in out
+    assert 'step 45/45 (epoch 3)' in out  # 240 / 16 = 15 steps per epoch
+    results = json.loads((tmp_path / 'out' / 'results.json').read_text())
+    assert results['split'] == 'test' and results['num_examples'] == 90 and results['accuracy'] > 0.5  # chance 1/3
+    assert {'f1_score', 'f2_score', 'recall', 'macro_f1', 'confusion_matrix'} <= set(results)
+
+    # --eval_only: best/ on another copy of the data (the save_to_disk one), the fork's evaluate.py JSON
+    _, out = run_script(SCRIPT, '--eval_only', '--checkpoint_path', 'out/best', '--datasets',
+                        hf.root / 'hf' / 'xnli-hi-disk', '--from_disk', '--dataset_labels', 'hi', '--split', 'test',
+                        '--output_dir', 'eval', cwd=tmp_path)
+    report = json.loads((tmp_path / 'eval' / 'results_hi.json').read_text())
+    assert report['checkpoint_path'] == 'out/best' and report['split'] == 'test'
+    assert report['text_columns'] == ['premise', 'hypothesis'] and report['label_column'] == 'label'
+    best = json.loads((tmp_path / 'out' / 'best' / 'training_state.json').read_text())['metrics']
+    assert report['checkpoint_info'] == {'val_loss': best['loss'], 'val_accuracy': best['accuracy'],
+                                         'val_f2': best['f2_score']}
+    r = report['results']['hi']
+    import datasets
+    gold = datasets.load_from_disk(str(hf.root / 'hf' / 'xnli-hi-disk'))['test']['label']
+    assert r['labels'] == gold and r['num_examples'] == 90 and r['split'] == 'test'
+    assert r['predictions'] == [max(range(3), key=row.__getitem__) for row in r['logits']]
+    # the metrics, recomputed here by scikit-learn from the labels and predictions
+    pred = r['predictions']
+    assert r['accuracy'] == pytest.approx(accuracy_score(gold, pred))
+    assert r['f1_score'] == pytest.approx(f1_score(gold, pred, average='macro'))
+    assert r['f2_score'] == pytest.approx(fbeta_score(gold, pred, beta=2, average='macro'))
+    assert r['recall'] == pytest.approx(recall_score(gold, pred, average='macro'))
+    assert r['confusion_matrix'] == confusion_matrix(gold, pred).tolist()
+    assert r['accuracy'] == pytest.approx(results['accuracy'])  # the same test examples as the training run's
+    # and the logits are the model's: the first examples recomputed from best/ in this process
+    model, config, spec = ft.load_bundle(str(tmp_path / 'out' / 'best'))
+    tok = load_tokenizer(spec)
+    test = datasets.load_from_disk(str(hf.root / 'hf' / 'xnli-hi-disk'))['test']
+    data = ft.encode_dataset([(p, h, y) for p, h, y in zip(test['premise'][:4], test['hypothesis'][:4], gold[:4])],
+                             tok, ft.separator(tok), config['max_seq_len'], config['vocab_size'], 'test')
+    x, lengths, _ = ft.collate(data)
+    with torch.no_grad():
+        logits = model.eval()(x, lengths)
+    assert (logits - torch.tensor(r['logits'][:4])).abs().max() < 1e-5
+
+    # without --datasets: the training command's own data and --split, written as results_<dataset>.json
+    run_script(SCRIPT, *fork, '--eval_only', '--out_dir', 'out', '--split', 'validation', cwd=tmp_path)
+    own = json.loads((tmp_path / 'out' / 'results_xnli-en-es-normal.json').read_text())
+    assert own['results']['xnli-en-es-normal']['num_examples'] == 60
+    assert own['results']['xnli-en-es-normal']['accuracy'] == pytest.approx(best['accuracy'])
+
+
+def test_save_to_disk_classlabel_and_parquet_files(hf, tmp_path):
+    _, out = run_script(SCRIPT, '--from_disk', '--parent_dataset', hf.root / 'hf' / 'xnli-hi-disk', *ours(hf),
+                        '--max_steps', 2, '--force_tokenization', '--eval_iters', 10, '--out_dir', 'disk', cwd=tmp_path)
+    assert 'classes entailment, neutral, contradiction' in out and 'train 240 from' in out
+    assert 'note: --force_tokenization: this script keeps no tokenized cache' in out
+    assert 'note: --eval_iters 10 is not used: every evaluation covers the whole validation split' in out
+    config = json.loads((tmp_path / 'disk' / 'best' / 'config.json').read_text())
+    assert config['labels'] == list(LABELS) and config['num_classes'] == 3
+
+    files = hf.root / 'hf' / 'xnli-hi'
+    _, out = run_script(SCRIPT, '--train_file', files / 'train.parquet', '--valid_file', files / 'validation.parquet',
+                        '--test_file', files / 'test.parquet', *ours(hf), '--max_steps', 2, '--out_dir', 'files',
+                        cwd=tmp_path)
+    assert f'train 240 from {files / "train.parquet"}, valid 60 from {files / "validation.parquet"}, test 90' in out
+    assert not (tmp_path / 'datasets-cache').exists() or not any((tmp_path / 'datasets-cache').rglob('*.arrow'))
+
+
+def test_a_single_text_binary_task(hf, tmp_path):
+    _, out = run_script(SCRIPT, '--parent_dataset', hf.root / 'hf' / 'negation', '--no_subset', '--text_column',
+                        'sentence', '--num_classes', 2, *ours(hf), '--num_epochs', 2, '--out_dir', 'neg', cwd=tmp_path)
+    assert 'classes 0, 1;' in out
+    results = json.loads((tmp_path / 'neg' / 'results.json').read_text())
+    assert results['labels'] == ['0', '1'] and len(results['confusion_matrix']) == 2
+    assert results['num_examples'] == 90 and results['accuracy'] > 0.8  # 'नहीं' or not: 60 / 30, learnt at once
+    config = json.loads((tmp_path / 'neg' / 'best' / 'config.json').read_text())
+    assert config['num_classes'] == 2 and torch.load(tmp_path / 'neg' / 'best' / 'model.pt',
+                                                     weights_only=True)['head.weight'].shape == (2, 64)
+
+
+def test_gradient_accumulation_is_one_big_batch(hf, tmp_path, monkeypatch):
+    # 2 micro-batches of 8 per step must train exactly what one batch of 16 trains (dropout 0: no randomness)
+    monkeypatch.chdir(tmp_path)
+    files = hf.root / 'hf' / 'xnli-hi'
+    def run(out, batch, accum):
+        ft.main(ft.get_args([str(a) for a in ['--train_file', files / 'train.parquet', '--valid_file',
+                                               files / 'validation.parquet', *ours(hf), '--max_steps', 3,
+                                               '--dropout', 0, '--no_decay_lr', '--batch_size', batch,
+                                               '--gradient_accumulation_steps', accum, '--out_dir', out]]))
+        return torch.load(tmp_path / out / 'last' / 'model.pt', weights_only=True)
+    one, two = run('one', 16, 1), run('two', 8, 2)
+    state = json.loads((tmp_path / 'two' / 'last' / 'training_state.json').read_text())
+    assert state['steps_per_epoch'] == 15 and state['step'] == 3  # 240 / (8 x 2)
+    # (measured 1.3e-5 after 3 AdamW steps at lr 2e-3: the sums run in another order; a step that drops a
+    # micro-batch differs by ~1e-3)
+    assert max((one[k].float() - two[k].float()).abs().max().item() for k in one) < 1e-4
+    fresh = ft.load_bundle(str(tmp_path / 'one' / 'last'))[0].state_dict()
+    assert max((fresh[k].float() - one[k].float()).abs().max().item() for k in one) == 0
+    pretrained = load_pretrained_checkpoint(hf.ckpt, num_heads=2, max_seq_len=256)[0].state_dict()
+    assert max((one[f'backbone.{k}'].float() - v.float()).abs().max().item() for k, v in pretrained.items()) > 1e-3
+
+
+def test_tokenizer_lookup_as_the_fork_does_it(hf, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'tokenizers').mkdir()
+    (tmp_path / 'tokenizers' / 'bpe-hin-tokenizer.json').write_bytes(hf.tokenizer.read_bytes())
+    spec = hf_spec_from_file(hf.tokenizer)
+    assert find_tokenizer('bpe-hin')[0] == spec  # tokenizers/{name}-tokenizer.json
+    assert find_tokenizer(str(hf.tokenizer))[0] == spec  # a path
+    assert find_tokenizer('gpt2')[0] == {'token_kind': 'gpt2'}
+    with pytest.raises(TokenizerError, match=r"no tokenizer 'nope'.*tokenizers/nope\.json, tokenizers/nope-tokenizer"):
+        find_tokenizer('nope')
