@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, fbeta_score, recall_score
 
 from load_checkpoint_helper import ModdedCheckpointError, load_pretrained_checkpoint
+from model import CheckpointMismatchError, add_modded_lora, modded_lora_state, set_modded_lora_factors
 from core.checkpoint import (JSON_FILES, CheckpointError, check_sizes, commit_directory, load_verified, read_json,
                              rng_state, save_tensors, set_rng_state, write_json)
 from core.args import Parser
@@ -78,6 +79,9 @@ def get_args(argv=None):
     a('--grad_clip', type=float, default=1.0)
     a('--dropout', type=float, default=0.1, help='dropout on the pooled features, before the head')
     a('--class_weights', action='store_true', help='weight the loss by inverse class frequency')
+    a('--lora_rank', type=int, default=0, help='LoRA of this rank on every attention and MLP weight, the rest frozen '
+      '(0: full fine-tuning)')
+    a('--lora_alpha', type=float, help='LoRA scale alpha / rank (default: alpha = rank, a scale of 1)')
     a('--eval_interval', type=int, help='evaluate (and save) every N steps; default: once per epoch')
     a('--eval_iters', type=int, help='accepted for the fork; every evaluation covers the whole validation split')
     a('--log_interval', type=int, default=10)
@@ -89,7 +93,7 @@ def get_args(argv=None):
     a('--dataset_labels', nargs='+', help='--eval_only: a name per --datasets entry, for results_<label>.json')
     a('--dataset_config', help='--eval_only: the subset of each --datasets entry')
     a('--split', default='test', help='--eval_only: the split to evaluate (test, validation, train)')
-    a('--output_dir', help='--eval_only: where results_<label>.json go (default --out_dir)')
+    a('--output_dir', help='--eval_only: where results_<label>.json go (default: the folder holding the checkpoint)')
     a('--seed', type=int, default=1337)
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     a('--no_cuda', action='store_true', help='same as --device cpu')
@@ -100,6 +104,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.no_cuda:
         args.device = 'cpu'
+    if args.lora_alpha is not None and not args.lora_rank:
+        p.error(f'--lora_alpha {args.lora_alpha} needs --lora_rank R (above 0): without it there are no adapters')
     if args.text_column and (args.premise_column or args.hypothesis_column):
         p.error('--text_column and --premise_column/--hypothesis_column both name the text columns: pass one of them')
     if not args.text_column and (args.premise_column or args.hypothesis_column):
@@ -113,6 +119,8 @@ def get_args(argv=None):
             ('batch_size', args.batch_size >= 1, 'at least 1'), ('num_epochs', args.num_epochs >= 1, 'at least 1'),
             ('gradient_accumulation_steps', args.gradient_accumulation_steps >= 1, 'at least 1'),
             ('num_classes', args.num_classes is None or args.num_classes >= 2, 'at least 2'),
+            ('lora_rank', args.lora_rank >= 0, 'at least 0'),
+            ('lora_alpha', args.lora_alpha is None or 0 < args.lora_alpha < math.inf, 'a number > 0'),
             ('max_steps', args.max_steps is None or args.max_steps >= 1, 'at least 1'),
             ('eval_interval', args.eval_interval is None or args.eval_interval >= 1, 'at least 1'),
             ('log_interval', args.log_interval >= 1, 'at least 1'), ('block_size', args.block_size >= 3, 'at least 3'),
@@ -273,13 +281,20 @@ def describe(m):
 # bundles: <out_dir>/best and <out_dir>/last
 
 
-BUNDLE_FILES = ('model.pt', 'config.json', 'tokenizer.json', 'training_state.json', 'optimizer.pt')
+BUNDLE_FILES = ('model.pt', 'config.json', 'tokenizer.json', 'training_state.json', 'optimizer.pt', 'adapter.pt')
 
 
 def save_bundle(path, model, config, tokenizer_spec, state, optimizer=None):
-    """ written whole into a hidden sibling directory, then swapped in: the old bundle stays until the new is whole """
+    """
+    Written whole into a hidden sibling directory, then swapped in: the old bundle stays until the new is whole.
+    model.pt holds the merged weights under the layout's own keys, with or without LoRA; with the optimizer (last/)
+    go the LoRA factors (adapter.pt), for an exact same-config resume.
+    """
+    merged, factors = modded_lora_state(model)
     def write_files(tmp):
-        save_tensors(tmp / 'model.pt', {k: v.detach().cpu() for k, v in model.state_dict().items()})
+        save_tensors(tmp / 'model.pt', {k: v.detach().cpu() for k, v in merged.items()})
+        if factors and optimizer is not None:
+            save_tensors(tmp / 'adapter.pt', {k: v.detach().cpu() for k, v in factors.items()})
         write_json(tmp / 'config.json', config)
         write_json(tmp / 'tokenizer.json', tokenizer_spec)
         write_json(tmp / 'training_state.json', state)
@@ -310,12 +325,19 @@ def load_bundle(path, device='cpu'):
     return model.to(device), config, read_json(os.path.join(path, 'tokenizer.json'))
 
 
+def lora_config(args):
+    """ this run's adapters as config.json records them: None for full fine-tuning """
+    if not args.lora_rank:
+        return None
+    return {'rank': args.lora_rank, 'alpha': args.lora_alpha if args.lora_alpha is not None else float(args.lora_rank)}
+
+
 def bundle_config(info, arch, args, names=LABELS):
     """ config.json: all it takes to rebuild the classifier (GPTBatched(...) + head) without the pretrained file """
     return {'format_version': FORMAT_VERSION, 'kind': 'nli_classifier', 'vocab_size': info['vocab_size'],
             'num_layers': info['num_layers'], 'num_heads': info['num_heads'], 'model_dim': info['model_dim'],
             'head_dim': info['head_dim'], 'max_seq_len': args.block_size, 'arch': arch, 'num_classes': len(names),
-            'labels': list(names), 'dropout': args.dropout,
+            'labels': list(names), 'dropout': args.dropout, 'lora': lora_config(args),
             'pretrained': {'path': args.pretrained_ckpt_path, 'format': info['format'], 'step': info['step'],
                            'val_loss': info['val_loss']}}
 
@@ -354,7 +376,20 @@ def build_model(args, last_dir, names):
         if args.block_size > config['max_seq_len']:
             raise CheckpointError(f"--block_size {args.block_size} exceeds the {config['max_seq_len']} tokens "
                                   f'{last_dir} was built for')
-        return model, config, spec, read_json(os.path.join(last_dir, 'training_state.json'))
+        state = read_json(os.path.join(last_dir, 'training_state.json'))
+        # the weights are merged: any adapters go on top; the same adapters get their factors (and so their
+        # optimizer state) back, others start fresh, and so does the optimizer
+        saved, wanted = config.get('lora'), lora_config(args)
+        if wanted:
+            add_modded_lora(model.backbone, wanted['rank'], wanted['alpha'])
+        if wanted and wanted == saved:
+            set_modded_lora_factors(model, read_bundle_tensors(last_dir, 'adapter.pt'))
+        elif wanted != saved:
+            describe_lora = lambda c: f"LoRA rank {c['rank']} alpha {c['alpha']}" if c else 'full fine-tuning'
+            print(f'note: {last_dir} was trained with {describe_lora(saved)}, this run asks for {describe_lora(wanted)}: '
+                  'the merged weights go on with fresh adapters (if any) and a fresh optimizer state')
+            config['lora'], state = wanted, {**state, 'fresh_optimizer': True}
+        return model.to(args.device), config, spec, state
     if args.resume:
         print(f'--resume: nothing in {last_dir} yet, starting from the pretrained checkpoint')
     if not args.pretrained_ckpt_path:
@@ -364,8 +399,10 @@ def build_model(args, last_dir, names):
     backbone, info, _ = load_pretrained_checkpoint(args.pretrained_ckpt_path, device=args.device,
                                                    num_heads=args.n_head, max_seq_len=args.block_size)
     check_arch(args, info, args.pretrained_ckpt_path)
-    model = NLIClassifier(backbone, len(names), args.dropout).to(args.device)
-    return model, bundle_config(info, backbone.arch, args, names), spec, None
+    model = NLIClassifier(backbone, len(names), args.dropout)
+    if args.lora_rank:
+        add_modded_lora(model.backbone, args.lora_rank, lora_config(args)['alpha'])
+    return model.to(args.device), bundle_config(info, backbone.arch, args, names), spec, None
 
 
 def same_file(a, b):
@@ -438,11 +475,16 @@ def main(args):
     schedule = (lambda step: 1.0) if args.no_decay_lr else (lambda step: lr_factor(step, total_steps, warmup_steps))
     eval_interval = args.eval_interval or steps_per_epoch
     step, best, history = 0, None, []
-    if state is not None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f'trainable: {trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters ('
+          + (f"LoRA rank {config['lora']['rank']} on attention and MLP, and the head)" if config['lora'] else
+             'full fine-tuning)'))
+    if state is not None and not state.get('fresh_optimizer'):
         fresh = [dict(g) for g in optimizer.param_groups]
         optimizer.load_state_dict(read_bundle_tensors(last_dir, 'optimizer.pt'))
         for g, f in zip(optimizer.param_groups, fresh):  # this run's lrs and decay, the checkpoint's moments
             g.update(base_lr=f['base_lr'], weight_decay=f['weight_decay'])
+    if state is not None:
         step, history = state['step'], state.get('history', [])
         # best/ on disk is the truth about the best model; last/ records it too, in case best/ was removed
         best_state = os.path.join(best_dir, 'training_state.json')
@@ -559,7 +601,8 @@ def evaluate_only(args):
     tok = load_tokenizer(spec)
     sep, names = separator(tok), config['labels']
     val = read_json(os.path.join(checkpoint, 'training_state.json')).get('metrics') or {}
-    output_dir = args.output_dir or args.out_dir
+    # beside the training run's results.json: in the out_dir of the checkpoint's run
+    output_dir = args.output_dir or (os.path.dirname(os.path.normpath(checkpoint)) or '.')
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise CheckpointError(f'--output_dir {output_dir} is a file; expected a directory for results_<label>.json')
     for label, examples, where in evaluation_sets(args, names):
@@ -617,7 +660,8 @@ if __name__ == '__main__':
     args = get_args()
     try:
         main(args)
-    except (ModdedCheckpointError, CheckpointError, TokenizerError, DataError, SetupError, OSError) as e:
+    except (ModdedCheckpointError, CheckpointError, CheckpointMismatchError, TokenizerError, DataError, SetupError,
+            OSError) as e:
         if args.debug:
             traceback.print_exc()
         sys.exit(f'error: {e}')

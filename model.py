@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
 
 class LayerNorm(nn.Module):
@@ -649,7 +650,8 @@ class MediumAttention(nn.Module):
             self.qkvo_w[3].zero_()
 
     def weights(self): # qkvo_w[3] is used as an nn.Linear weight [out, in] (the layouts need hdim == dim)
-        return self.qkvo_w[:3], self.qkvo_w[3]
+        w = self.qkvo_w # read once: with LoRA on it, each read computes base + update
+        return w[:3], w[3]
 
 
 class MediumMLP(nn.Module):
@@ -785,6 +787,82 @@ class GPTBatched(nn.Module):
         sd = {k: v for k, v in f.state_dict().items() if k != 'lm_head.weight'}
         model.load_state_dict(small_to_medium_state_dict(sd), strict=True)
         return model
+
+
+# -----------------------------------------------------------------------------
+# LoRA on GPTBatched's stacked weights, for fine-tuning modded checkpoints. A parametrization keeps the layout's
+# own keys: reading qkvo_w / fc_w / proj_w gives base + update, the frozen base lives on as
+# parametrizations.<name>.original and the factors as parametrizations.<name>.0.lora_A / lora_B. Saved, the
+# weights are merged under the layout's keys (a plain fine-tuned model), the factors beside them.
+
+class StackedLoRA(nn.Module):
+    """ W [..., out, in] -> W + B @ A * alpha/r, one pair of factors per matrix of a stack (qkvo_w stacks 4) """
+
+    def __init__(self, shape, rank, alpha):
+        super().__init__()
+        *stack, out_features, in_features = shape
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(*stack, rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(*stack, out_features, rank)) # B zero: the update starts at 0
+        for a in self.lora_A.view(-1, rank, in_features): # LoRALinear's init, matrix by matrix
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    def delta(self):
+        return self.lora_B @ self.lora_A * self.scale
+
+    def forward(self, weight):
+        return weight + self.delta().to(weight.dtype)
+
+
+def add_modded_lora(model, rank, alpha):
+    """ freeze all of a GPTBatched and put LoRA on every attention (qkvo_w) and MLP (fc_w, proj_w) weight """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.blocks:
+        for module, name in ((block.attn, 'qkvo_w'), (block.mlp, 'fc_w'), (block.mlp, 'proj_w')):
+            if module is not None: # layer 7 has no attention
+                parametrize.register_parametrization(module, name, StackedLoRA(getattr(module, name).shape, rank, alpha))
+    return model
+
+
+def lora_parametrizations(model):
+    """ (key prefix of the merged weight, its parametrization list) for every LoRA weight in model """
+    return [(f'{mname}.{pname}' if mname else pname, plist) for mname, module in model.named_modules()
+            if parametrize.is_parametrized(module) for pname, plist in module.parametrizations.items()]
+
+
+def modded_lora_state(model):
+    """ (merged weights under the layout's own keys, the LoRA factors) of a model, with or without LoRA """
+    merged = {k: v for k, v in model.state_dict().items() if '.parametrizations.' not in k}
+    factors = {k: v for k, v in model.state_dict().items() if '.parametrizations.' in k and not k.endswith('.original')}
+    with torch.no_grad():
+        for key, plist in lora_parametrizations(model):
+            original = plist.original
+            merged[key] = (original.float() + plist[0].delta().float()).to(original.dtype)
+    return merged, factors
+
+
+def set_modded_lora_factors(model, factors):
+    """
+    Saved factors into a model whose LoRA weights hold merged values (add_modded_lora on a merged load): the
+    factors are copied and each base becomes merged - B @ A * alpha/r, in fp32, so the forward is unchanged.
+    """
+    names = {f'{key.rsplit(".", 1)[0]}.parametrizations.{key.rsplit(".", 1)[1]}': plist
+             for key, plist in lora_parametrizations(model)}
+    expected = {f'{prefix}.0.{f}' for prefix in names for f in ('lora_A', 'lora_B')}
+    if set(factors) != expected:
+        raise CheckpointMismatchError(f'the saved LoRA factors do not fit this model: {len(set(factors) - expected)} '
+                                      f'unexpected, {len(expected - set(factors))} missing (e.g. '
+                                      f'{sorted(set(factors) ^ expected)[:2]})')
+    with torch.no_grad():
+        for prefix, plist in names.items():
+            lora = plist[0]
+            for f in ('lora_A', 'lora_B'):
+                if factors[f'{prefix}.0.{f}'].shape != getattr(lora, f).shape:
+                    raise CheckpointMismatchError(f'{prefix}.0.{f} has shape {tuple(factors[f"{prefix}.0.{f}"].shape)}, '
+                                                  f'this model {tuple(getattr(lora, f).shape)}: another LoRA rank')
+                getattr(lora, f).copy_(factors[f'{prefix}.0.{f}'])
+            plist.original.copy_((plist.original.float() - lora.delta().float()).to(plist.original.dtype))
 
 
 def small_to_medium_state_dict(sd):

@@ -7,6 +7,7 @@ and made by `datasets` itself (tests/xnli_fixture.py: make_hf_datasets); everyth
 
 import argparse
 import json
+import os
 
 import pytest
 import torch
@@ -163,3 +164,64 @@ def test_tokenizer_lookup_as_the_fork_does_it(hf, tmp_path, monkeypatch):
     assert find_tokenizer('gpt2')[0] == {'token_kind': 'gpt2'}
     with pytest.raises(TokenizerError, match=r"no tokenizer 'nope'.*tokenizers/nope\.json, tokenizers/nope-tokenizer"):
         find_tokenizer('nope')
+
+
+def test_lora_fine_tuning_saves_merged_weights_and_resumes_its_adapters(hf, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    files = hf.root / 'hf' / 'xnli-hi'
+    def args(out, *more):
+        return ft.get_args([str(a) for a in ['--train_file', files / 'train.parquet', '--valid_file',
+                                              files / 'validation.parquet', *ours(hf), '--max_steps', 6,
+                                              '--eval_interval', 3, '--batch_size', 8, '--lora_rank', 4,
+                                              '--lora_alpha', 8, '--out_dir', out, *more]])
+    ft.main(args('whole'))
+    last, best = tmp_path / 'whole' / 'last', tmp_path / 'whole' / 'best'
+    assert (last / 'adapter.pt').is_file() and not (best / 'adapter.pt').exists()
+    assert json.loads((last / 'config.json').read_text())['lora'] == {'rank': 4, 'alpha': 8.0}
+
+    # the LoRA model of last/ (merged weights + its factors, as --resume builds it) vs last/ loaded as a plain model
+    lora_model, config, spec, _ = ft.build_model(args('whole', '--resume'), str(last), list(LABELS))
+    trainable = {n for n, p in lora_model.named_parameters() if p.requires_grad}
+    assert trainable and all('lora_' in n or n.startswith('head.') for n in trainable)
+    # rank 4: 7 attention layers, qkvo_w a stack of 4 [64, 64] (A [4, 64], B [64, 4] each); 8 MLPs, fc_w [256, 64]
+    # and proj_w [64, 256]
+    assert sum(p.numel() for n, p in lora_model.named_parameters() if 'lora_' in n) == 7 * 4 * (4 * 64 + 64 * 4) + 8 * (
+        (4 * 64 + 256 * 4) + (4 * 256 + 64 * 4))
+    plain = ft.load_bundle(str(last))[0]
+    tok = load_tokenizer(spec)
+    data = ft.encode_dataset([(p, h, y) for p, h, y in make_examples(16, 9)], tok, ft.separator(tok), 256,
+                             config['vocab_size'], 'check')
+    x, lengths, _ = ft.collate(data)
+    with torch.no_grad():
+        diff = (lora_model.eval()(x, lengths) - plain.eval()(x, lengths)).abs().max().item()
+    assert diff < 1e-5, diff
+    # the merged weights use the layout's own keys: a plain classifier loads them strictly
+    weights = torch.load(last / 'model.pt', weights_only=True)
+    assert set(weights) == set(ft.NLIClassifier(plain.backbone.__class__(
+        config['vocab_size'], 8, 2, 64, 256, head_dim=32, arch='small'), 3).state_dict())
+
+    # cut after the save at step 3, resumed: adapters, base and optimizer state end where the whole run ends
+    class Crash(Exception):
+        pass
+    save = ft.save_bundle
+    def save_then_crash(path, *a, **k):
+        save(path, *a, **k)
+        if os.path.basename(path) == 'last':
+            raise Crash
+    monkeypatch.setattr(ft, 'save_bundle', save_then_crash)
+    with pytest.raises(Crash):
+        ft.main(args('cut'))
+    monkeypatch.setattr(ft, 'save_bundle', save)
+    saved = torch.load(tmp_path / 'cut' / 'last' / 'adapter.pt', weights_only=True)
+    resumed, *_ = ft.build_model(args('cut', '--resume'), str(tmp_path / 'cut' / 'last'), list(LABELS))
+    assert all(torch.equal(resumed.state_dict()[k], v) for k, v in saved.items())  # the factors, by value
+    ft.main(args('cut', '--resume'))
+    for name in ('model.pt', 'adapter.pt', 'optimizer.pt'):
+        whole = torch.load(last / name, weights_only=True)
+        cut = torch.load(tmp_path / 'cut' / 'last' / name, weights_only=True)
+        if name == 'optimizer.pt':
+            assert whole['state'][0]['step'] == cut['state'][0]['step'] == 6
+            whole, cut = ({f'{i}.{k}': v for i, s in o['state'].items() for k, v in s.items()} for o in (whole, cut))
+        assert whole.keys() == cut.keys()
+        worst = max((whole[k].float() - cut[k].float()).abs().max().item() for k in whole)
+        assert worst < 1e-6, (name, worst)  # the base is rebuilt as merged - B @ A * alpha/r: fp32 rounding
