@@ -394,10 +394,10 @@ def build_model(args, last_dir, names):
         print(f'--resume: nothing in {last_dir} yet, starting from the pretrained checkpoint')
     if not args.pretrained_ckpt_path:
         raise CheckpointError(f'nothing to resume in {last_dir}; name --pretrained_ckpt_path')
-    spec, where = find_tokenizer(args.tokenizer_name or 'gpt2', args.tokenizer_dir)
-    print(f'tokenizer: {where}' + ('' if args.tokenizer_name else ' (the default; --tokenizer_name names another)'))
     backbone, info, _ = load_pretrained_checkpoint(args.pretrained_ckpt_path, device=args.device,
                                                    num_heads=args.n_head, max_seq_len=args.block_size)
+    spec, where = find_tokenizer(args.tokenizer_name or 'gpt2', args.tokenizer_dir)
+    print(f'tokenizer: {where}' + ('' if args.tokenizer_name else ' (the default; --tokenizer_name names another)'))
     check_arch(args, info, args.pretrained_ckpt_path)
     model = NLIClassifier(backbone, len(names), args.dropout)
     if args.lora_rank:

@@ -130,3 +130,21 @@ def wandb_offline_run(wandb_dir):
             values = {i.key or '/'.join(i.nested_key): _json.loads(i.value_json) for i in items[kind_name]()}
             history.append(values) if kind_name == 'history' else summary.update(values)
     return history, summary
+
+
+def interrupted_after_first_save(monkeypatch, module, run):
+    """ run() with module.save_bundle crashing right after its first save of a last/ directory: a fine-tune cut
+    at its first evaluation, its last/ complete """
+    import pytest
+
+    class Crash(Exception):
+        pass
+    save = module.save_bundle
+    def save_then_crash(path, *a, **k):
+        save(path, *a, **k)
+        if os.path.basename(path) == 'last':
+            raise Crash
+    monkeypatch.setattr(module, 'save_bundle', save_then_crash)
+    with pytest.raises(Crash):
+        run()
+    monkeypatch.setattr(module, 'save_bundle', save)

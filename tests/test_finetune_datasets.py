@@ -7,7 +7,6 @@ and made by `datasets` itself (tests/xnli_fixture.py: make_hf_datasets); everyth
 
 import argparse
 import json
-import os
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import finetune_hindi_xnli as ft
 from core.finetune_data import find_tokenizer
 from core.tokenizer import TokenizerError, hf_spec_from_file, load_tokenizer
 from load_checkpoint_helper import load_pretrained_checkpoint, make_random_checkpoint
-from tests.helpers import run_script
+from tests.helpers import interrupted_after_first_save, run_script
 from tests.xnli_fixture import LABELS, make_hf_datasets, round_up, train_tokenizer, make_examples
 
 SCRIPT = 'finetune_hindi_xnli.py'
@@ -201,17 +200,7 @@ def test_lora_fine_tuning_saves_merged_weights_and_resumes_its_adapters(hf, tmp_
         config['vocab_size'], 8, 2, 64, 256, head_dim=32, arch='small'), 3).state_dict())
 
     # cut after the save at step 3, resumed: adapters, base and optimizer state end where the whole run ends
-    class Crash(Exception):
-        pass
-    save = ft.save_bundle
-    def save_then_crash(path, *a, **k):
-        save(path, *a, **k)
-        if os.path.basename(path) == 'last':
-            raise Crash
-    monkeypatch.setattr(ft, 'save_bundle', save_then_crash)
-    with pytest.raises(Crash):
-        ft.main(args('cut'))
-    monkeypatch.setattr(ft, 'save_bundle', save)
+    interrupted_after_first_save(monkeypatch, ft, lambda: ft.main(args('cut')))
     saved = torch.load(tmp_path / 'cut' / 'last' / 'adapter.pt', weights_only=True)
     resumed, *_ = ft.build_model(args('cut', '--resume'), str(tmp_path / 'cut' / 'last'), list(LABELS))
     assert all(torch.equal(resumed.state_dict()[k], v) for k, v in saved.items())  # the factors, by value

@@ -6,7 +6,6 @@ Hindi XNLI data with random modded-nanogpt checkpoints (small and medium layouts
 
 import argparse
 import json
-import os
 import re
 from contextlib import nullcontext
 from pathlib import Path
@@ -18,7 +17,7 @@ import finetune_hindi_xnli as ft
 from core.tokenizer import hf_spec_from_file, load_tokenizer
 from load_checkpoint_helper import make_random_checkpoint
 from model import GPTBatched
-from tests.helpers import run_script
+from tests.helpers import interrupted_after_first_save, run_script
 from tests.xnli_fixture import (LABELS, XNLI_COLUMNS, make_examples, make_xnli_data, round_up, sentence,
                                 train_tokenizer)
 
@@ -372,18 +371,8 @@ def test_an_interrupted_and_resumed_run_ends_where_the_uninterrupted_run_ends(xn
                             '--out_dir', out, *more])
     ft.main(args('whole'))
 
-    class Crash(Exception):
-        pass
-    save = ft.save_bundle
-    def save_then_crash(path, *a, **k):
-        save(path, *a, **k)
-        if os.path.basename(path) == 'last':
-            raise Crash
-    monkeypatch.setattr(ft, 'save_bundle', save_then_crash)
-    with pytest.raises(Crash):
-        ft.main(args('cut'))
+    interrupted_after_first_save(monkeypatch, ft, lambda: ft.main(args('cut')))
     assert json.loads((tmp_path / 'cut' / 'last' / 'training_state.json').read_text())['step'] == 3
-    monkeypatch.setattr(ft, 'save_bundle', save)
     ft.main(args('cut', '--resume'))
 
     for name in ('model.pt', 'optimizer.pt'):

@@ -498,8 +498,10 @@ def test_hostile_pickles_never_run(tmp_path, record_fault):
                 ('convert_checkpoints.py', [evil], evil), ('test_checkpoint_loading.py', [modded], modded),
                 ('train.py', ['--resume_from', evil], evil)]
     if (REPO / 'finetune_hindi_xnli.py').exists():
+        (tmp_path / 'train.jsonl').write_text('{"premise": "a", "hypothesis": "b", "label": 0}\n' * 4)
         commands.append(('finetune_hindi_xnli.py', ['--pretrained_ckpt_path', modded, '--n_head', '2',
-                                                    '--tokenizer_name', 'none.json', '--data_dir', tmp_path], modded))
+                                                    '--tokenizer_name', 'none.json', '--train_file',
+                                                    tmp_path / 'train.jsonl'], modded))
     for script, args, path in commands:
         code, out = run_script(script, *args, cwd=tmp_path, ok=False)
         # refused for this reason (not failing for another one), and the inputs are as they were
