@@ -51,7 +51,8 @@ def get_args(argv=None):
     a('--from_disk', action='store_true', help='load_from_disk(--parent_dataset, else --data_dir/--dataset)')
     a('--hf_cache', help="the datasets cache folder (default: datasets' own)")
     a('--force_tokenization', action='store_true', help='accepted for the fork; examples are tokenized on every run')
-    a('--language', default='hi', help='rows of this language are kept when the data has a language column')
+    a('--language', help='keep the rows of this language (of a language column); default: hi in an XNLI release '
+      '.tsv, all rows otherwise')
     a('--text_column', nargs='+', help='one column (a single text) or several (joined by the separator token); '
       'default: premise hypothesis (sentence1 sentence2 in a .tsv), or sentence')
     a('--premise_column', help='the first of two text columns (same as --text_column PREMISE HYPOTHESIS)')
@@ -152,11 +153,13 @@ def separator(tok):
     return [tok.eot_id] if tok.eot_id is not None else tok.encode('\n')
 
 
-def encode_texts(tok, texts, sep, block_size):
+def encode_texts(tok, texts, sep, block_size, cut=None):
     """ the texts joined by sep in at most block_size ids: the first text is cut first, then the next, the last last
-    (a premise goes before its hypothesis, which decides the label) """
+    (a premise goes before its hypothesis, which decides the label); a cut example is counted in cut['examples'] """
     ids = [tok.encode(t) for t in texts]
     room = block_size - len(sep) * (len(texts) - 1)
+    if cut is not None and sum(map(len, ids)) > room:
+        cut['examples'] += 1
     kept = []
     for piece in reversed(ids):
         kept.insert(0, piece[:max(0, room)])
@@ -169,7 +172,11 @@ def encode_texts(tok, texts, sep, block_size):
 
 def encode_dataset(examples, tok, sep, block_size, vocab_size, name):
     """ [(ids, label)] of examples (text, ..., label) """
-    data = [(encode_texts(tok, ex[:-1], sep, block_size), ex[-1]) for ex in examples]
+    cut = {'examples': 0}
+    data = [(encode_texts(tok, ex[:-1], sep, block_size, cut), ex[-1]) for ex in examples]
+    if cut['examples']:
+        print(f"note: {name}: {cut['examples']} of {len(data)} examples are longer than --block_size {block_size} "
+              'tokens and were cut (the first text first)')
     if any(len(ids) == len(sep) * (len(ex) - 2) for (ids, _), ex in zip(data, examples)):
         raise DataError(f'{name}: an example encodes to no tokens at all (all of its texts are empty)')
     top = max(max(ids) for ids, _ in data)
@@ -390,10 +397,14 @@ def build_model(args, last_dir, names):
                   'the merged weights go on with fresh adapters (if any) and a fresh optimizer state')
             config['lora'], state = wanted, {**state, 'fresh_optimizer': True}
         return model.to(args.device), config, spec, state
-    if args.resume:
-        print(f'--resume: nothing in {last_dir} yet, starting from the pretrained checkpoint')
     if not args.pretrained_ckpt_path:
         raise CheckpointError(f'nothing to resume in {last_dir}; name --pretrained_ckpt_path')
+    if args.resume:
+        print(f'--resume: nothing in {last_dir} yet, starting from the pretrained checkpoint')
+    elif os.path.isdir(last_dir):
+        step = read_json(os.path.join(last_dir, 'training_state.json')).get('step')
+        print(f'note: {args.out_dir} holds an earlier run (step {step}): this run replaces its best/ and last/ '
+              '(--resume continues it; another --out_dir keeps it)')
     backbone, info, _ = load_pretrained_checkpoint(args.pretrained_ckpt_path, device=args.device,
                                                    num_heads=args.n_head, max_seq_len=args.block_size)
     spec, where = find_tokenizer(args.tokenizer_name or 'gpt2', args.tokenizer_dir)
@@ -457,11 +468,13 @@ def main(args):
     examples, valid, test, sources = load_splits(args)
     train, names = examples.rows, examples.names
     model, config, spec, state = build_model(args, last_dir, names)
+    config.update(text_columns=examples.text_columns, label_column=examples.label_column) # what --eval_only reads
     tok = load_tokenizer(spec)
     sep = separator(tok)
     encode = lambda data, name: encode_dataset(data, tok, sep, args.block_size, config['vocab_size'], name)
     train, valid, test = encode(train, 'train'), encode(valid, 'valid'), test and encode(test, 'test')
-    print(f"data ({args.language}): train {len(train)} from {sources['train']}, valid {len(valid)} from "
+    language = f" ({sources['language']})" if sources['language'] else ''
+    print(f"data{language}: train {len(train)} from {sources['train']}, valid {len(valid)} from "
           f"{sources['valid']}, test {len(test) if test else 0} from {sources['test'] or '(no test set)'}; "
           f"classes {', '.join(names)}; separator ids {sep}")
 
@@ -575,7 +588,7 @@ def main(args):
     else:
         res = {'split': 'validation', 'note': 'no test set was given, so these are the best validation metrics',
                **{k: v for k, v in best.items() if k != 'step'}}
-    res.update(labels=list(names), language=args.language, best_step=best['step'], checkpoint=best_dir,
+    res.update(labels=list(names), language=sources['language'], best_step=best['step'], checkpoint=best_dir,
                best_validation=best)
     write_json(os.path.join(args.out_dir, 'results.json'), res)
     print(f"{res['split']} ({res['num_examples']} examples): {describe(res)}")
@@ -593,10 +606,14 @@ def evaluate_only(args):
     """ the fork's evaluate.py: a fine-tuned bundle scored on one or more datasets' splits, results_<label>.json each """
     checkpoint = args.checkpoint_path or os.path.join(args.out_dir, 'best')
     if not os.path.isdir(checkpoint):
-        raise CheckpointError(f'--eval_only: {checkpoint} does not exist; expected the best/ (or last/) directory this '
+        found = 'is a file' if os.path.exists(checkpoint) else 'does not exist'
+        raise CheckpointError(f'--eval_only: {checkpoint} {found}; expected the best/ (or last/) directory this '
                               'script writes (--checkpoint_path DIR, or the --out_dir of the training run)')
     recover(checkpoint)
     model, config, spec = load_bundle(checkpoint, args.device)
+    # the columns the model was trained on, unless named here: phonemized runs read other columns than plain ones
+    args = argparse.Namespace(**{**vars(args), 'text_column': args.text_column or config.get('text_columns'),
+                                 'label_column': args.label_column or config.get('label_column')})
     ctx, _ = autocast(args)
     tok = load_tokenizer(spec)
     sep, names = separator(tok), config['labels']
@@ -633,8 +650,12 @@ def evaluation_sets(args, names):
         check_classes(train.names, names, sources[key])
         yield args.dataset, train._replace(rows=picked), sources[key]
         return
-    for i, name in enumerate(args.datasets):
-        label = args.dataset_labels[i] if args.dataset_labels else os.path.basename(os.path.normpath(name))
+    labels = args.dataset_labels or [os.path.basename(os.path.normpath(name)) for name in args.datasets]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise DataError(f'--datasets: two of them would both write results_{twice[0]}.json; name each with '
+                        '--dataset_labels')
+    for name, label in zip(args.datasets, labels):
         if not is_plain_name(label):
             raise DataError(f'--dataset_labels: {label!r} cannot name a file results_<label>.json; use letters, '
                             'digits, -, _ and .')
@@ -644,14 +665,14 @@ def evaluation_sets(args, names):
         if args.split not in tables:
             raise DataError(f'--split {args.split}: {origin} has no such split; found {", ".join(tables)}')
         where = f'{origin} [{args.split}]'
-        examples = read_examples(where, args.language, args.text_column, args.label_column, len(names),
-                                 table=tables[args.split])
+        examples = read_examples(where, args.language, args.text_column, args.label_column, table=tables[args.split])
         check_classes(examples.names, names, where)
         yield label, examples, where
 
 
 def check_classes(found, names, where):
-    if list(found) != list(names):
+    numbered = lambda n: list(n) == [str(i) for i in range(len(n))] # no names: the ids alone
+    if len(found) != len(names) or (list(found) != list(names) and not (numbered(found) or numbered(names))):
         raise DataError(f'{where} has the classes {", ".join(found)}, but the model was fine-tuned for '
                         f'{", ".join(names)}: evaluate it on data of its own task')
 

@@ -8,6 +8,7 @@ classifiers finetune_hindi_xnli.py writes.
 """
 
 import os
+from pathlib import Path
 
 from model import ADAPTER_FIELDS, ADAPTER_RANKS, GPTConfig
 from core.checkpoint import CheckpointError
@@ -88,6 +89,12 @@ def classifier_config(ck):
         lines.append(f"labels: {', '.join(map(str, config['labels']))}")
     if isinstance(config.get('pretrained'), dict):
         lines.append('pretrained: ' + ', '.join(f'{k}:{v}' for k, v in config['pretrained'].items()))
+    lora = config.get('lora')
+    lines.append(f"trained with: LoRA rank {lora['rank']}, alpha {lora['alpha']} on attention and MLP (merged in model.pt"
+                 + ('; the factors in adapter.pt)' if (Path(ck.path) / 'adapter.pt').is_file() else ')')
+                 if isinstance(lora, dict) else 'trained with: full fine-tuning')
+    if config.get('text_columns'):
+        lines.append(f"data: text columns {', '.join(config['text_columns'])}; label column {config.get('label_column')}")
     return lines
 
 

@@ -111,18 +111,24 @@ def default_columns(path, columns):
 
 
 def parse_label(value, names):
-    """ a class id (a number, or a string of one) or a label name -> the id; None if it is neither """
+    """ a class id (a whole number, a string of one, a bool) or a label name -> the id; None if it is neither """
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     v = str(value).strip().lower()
+    if v in ('true', 'false'):
+        return int(v == 'true')
     if v.lstrip('-').isdigit():
         return int(v)
     lowered = [n.lower() for n in names]
     return lowered.index(v) if v in lowered else None
 
 
-def read_examples(path, language='hi', text_columns=None, label_column=None, num_classes=None, table=None):
+def read_examples(path, language=None, text_columns=None, label_column=None, num_classes=None, table=None, names=None):
     """
     Examples: [(text, ..., label id)] of one file (or of `table`, already read, named by `path`), label names, columns.
-    With a language column, only the rows of `language` are kept (the XNLI release holds 15 languages).
+    The label names: `names` when given (the train split's, for the other splits), else the ClassLabel's, else XNLI's
+    for label words or 3 classes, else '0', '1', ... for num_classes (default: the largest id found + 1).
+    With `language` and a language column, only the rows of that language are kept (the XNLI release holds 15).
     """
     columns, rows, class_label_names = table or read_table(path)
     default_texts, default_label = default_columns(path, columns)
@@ -135,36 +141,49 @@ def read_examples(path, language='hi', text_columns=None, label_column=None, num
         raise DataError(f'{path} has no column {", ".join(map(repr, missing))}; expected the text column(s) '
                         f'{want[:-1]} and the label column {want[-1]!r} (set --text_column and --label_column); found '
                         f'columns: {", ".join(map(repr, columns)) or "none (is the file empty?)"}')
-    names = label_names(class_label_names.get(want[-1]), num_classes)
-    examples, languages = [], set()
-    for where, row in rows:
-        if row.get('language') is not None:
-            languages.add(row['language'])
-            if row['language'] != language:
-                continue
-        label = parse_label(row.get(want[-1]), names)
+    languages = {row.get('language') for _, row in rows} - {None}
+    if language and languages:
+        rows = [(where, row) for where, row in rows if row.get('language') == language]
+        if not rows:
+            raise DataError(f'{path} has no examples for language {language!r} (--language); languages found: '
+                            f'{", ".join(sorted(languages))}')
+    if not rows:
+        raise DataError(f'{path} has no examples: it has no data rows')
+    labels = [row.get(want[-1]) for _, row in rows]
+    names = names or label_names(class_label_names.get(want[-1]), num_classes, labels)
+    examples, empty = [], 0
+    for (where, row), value in zip(rows, labels):
+        label = parse_label(value, names)
         if label is None or not 0 <= label < len(names):
             unlabeled = ' (-1 marks an unlabeled example, as in GLUE test splits)' if label == -1 else ''
-            raise DataError(f'{path} {where}: unknown label {row.get(want[-1])!r} in column {want[-1]!r}{unlabeled}; '
-                            f'expected 0 to {len(names) - 1} or {", ".join(names)} (--num_classes {len(names)})')
-        examples.append(tuple(row.get(c) or '' for c in want[:-1]) + (label,))
-    if not examples and not languages:
-        raise DataError(f'{path} has no examples: it has no data rows')
-    if not examples:
-        raise DataError(f'{path} has no examples for language {language!r} (--language); languages found: '
-                        f'{", ".join(sorted(languages))}')
+            raise DataError(f'{path} {where}: unknown label {value!r} in column {want[-1]!r}{unlabeled}; expected '
+                            f'0 to {len(names) - 1} or {", ".join(names)} ({len(names)} classes, --num_classes)')
+        texts = tuple(row.get(c) for c in want[:-1])
+        empty += sum(t is None for t in texts)
+        examples.append(tuple(t or '' for t in texts) + (label,))
+    if empty:
+        print(f'note: {path}: {empty} empty (None) text value(s), read as empty text')
     return Examples(examples, names, want[:-1], want[-1])
 
 
-def label_names(class_label_names, num_classes):
-    """ the names reports use: the dataset's ClassLabel names, else XNLI's for 3 classes, else '0', '1', ... """
+def label_names(class_label_names, num_classes, labels):
+    """ the names reports use, for a split whose label values are `labels` """
     if class_label_names is not None:
         if num_classes is not None and num_classes != len(class_label_names):
             raise DataError(f'--num_classes {num_classes}, but the label column is a ClassLabel with '
                             f'{len(class_label_names)} classes: {", ".join(class_label_names)}')
         return list(class_label_names)
-    n = num_classes or len(LABELS)
-    return list(LABELS) if n == len(LABELS) else [str(i) for i in range(n)]
+    if num_classes is None:
+        words = any(str(v).strip().lower() in LABELS for v in labels)
+        ids = [i for i in (parse_label(v, ()) for v in labels) if i is not None]
+        num_classes = len(LABELS) if words or not ids else max(2, max(ids) + 1)
+    return list(LABELS) if num_classes == len(LABELS) else [str(i) for i in range(num_classes)]
+
+
+def unlabeled(table, label_column):
+    """ a split whose labels are all -1: GLUE's test splits, which are scored on its server, not here """
+    labels = [row.get(label_column or 'label') for _, row in table[1]]
+    return bool(labels) and all(parse_label(v, ()) == -1 for v in labels)
 
 
 # -----------------------------------------------------------------------------
@@ -179,38 +198,51 @@ def load_splits(args):
         train_name, valid_name, test_name = pick(('train',)), pick(VALID_SPLITS), pick(('test',))
         if train_name is None:
             raise DataError(f'{origin} has no train split; found splits: {", ".join(tables) or "none"}')
-        read = lambda name: read_examples(f'{origin} [{name}]', args.language, args.text_column, args.label_column,
-                                          args.num_classes, table=tables[name])
+        if test_name and unlabeled(tables[test_name], args.label_column):
+            print(f'note: {origin} [{test_name}] is unlabeled (every label is -1, as in GLUE): it is not scored here')
+            test_name = None
+        language = args.language
+        read = lambda name, names=None: read_examples(f'{origin} [{name}]', language, args.text_column,
+                                                      args.label_column, args.num_classes, tables[name], names)
         where = {k: f'{origin} [{n}]' if n else None for k, n in (('train', train_name), ('valid', valid_name),
                                                                     ('test', test_name))}
     else:
         data_dir = args.data_dir or os.path.join('data', args.dataset)
         paths = {'train': args.train_file or os.path.join(data_dir, 'xnli.dev.tsv'), 'valid': args.valid_file,
                  'test': args.test_file or os.path.join(data_dir, 'xnli.test.tsv')}
+        if not (args.train_file or os.path.isfile(paths['train']) or args.data_dir):
+            raise DataError(f"no data for --dataset {args.dataset}: {paths['train']} does not exist. Local XNLI files go "
+                            'in --data_dir (xnli.dev.tsv, xnli.test.tsv) or --train_file/--valid_file/--test_file; a '
+                            'Hugging Face dataset is named with --parent_dataset (the fork\'s default was '
+                            f'nyu-mll/glue: --parent_dataset nyu-mll/glue --dataset {args.dataset})')
         if not (args.test_file or os.path.isfile(paths['test'])):
             paths['test'] = None
-        read = lambda path: read_examples(path, args.language, args.text_column, args.label_column, args.num_classes)
+        # the XNLI release holds 15 languages in one file: there --language (default hi) picks one
+        language = args.language or ('hi' if paths['train'].lower().endswith('.tsv') else None)
+        # local files are XNLI's 3 classes unless --num_classes says otherwise; `datasets` data tells its own
+        classes = args.num_classes or len(LABELS)
+        read = lambda path, names=None: read_examples(path, language, args.text_column, args.label_column,
+                                                      classes, None, names)
         where = paths
         train_name, valid_name, test_name = paths['train'], paths['valid'], paths['test']
     examples = read(train_name)
     train = examples.rows
     if valid_name:
-        valid = read(valid_name).rows
+        valid = read(valid_name, examples.names).rows
     else:  # hold out 10% of the training source, shuffled with the seed so the split is the same on every run
         if len(train) < 2:
-            raise DataError(f'{where["train"]} has {len(train)} example for {args.language!r}: too few to hold out '
-                            'a validation set')
+            raise DataError(f'{where["train"]} has {len(train)} example: too few to hold out a validation set')
         order = list(range(len(train)))
         random.Random(args.seed).shuffle(order)
         n_valid = max(1, len(train) // 10)
         valid, train = [train[i] for i in order[:n_valid]], [train[i] for i in order[n_valid:]]
         where['valid'] = f'10% of {where["train"]} (seed {args.seed})'
-    test = read(test_name).rows if test_name else None
+    test = read(test_name, examples.names).rows if test_name else None
     for name, rows in (('valid', valid), ('test', test)):
         if rows is not None and len(rows[0]) != len(train[0]):
             raise DataError(f'{where[name]} has {len(rows[0]) - 1} text column(s), {where["train"]} has '
                             f'{len(train[0]) - 1}: the splits must hold the same kind of examples')
-    return examples._replace(rows=train), valid, test, where
+    return examples._replace(rows=train), valid, test, {**where, 'language': language}
 
 
 def dataset_splits(args):
@@ -234,13 +266,15 @@ def dataset_splits(args):
             print(f'note: {parent} is a local directory with no subset folder {name!r}: it is read as a whole '
                   '(--no_subset says so)')
             name = None
+        cache = args.hf_cache or ('cache' if os.path.isdir('cache') else None) # the fork's default: ./cache
         try:
-            loaded = datasets.load_dataset(parent, name, cache_dir=args.hf_cache)
+            loaded = datasets.load_dataset(parent, name, cache_dir=cache)
         except Exception as e:  # offline hub names end here as ConnectionError; unknown names as FileNotFoundError
-            raise DataError(f'datasets could not load {parent!r}{f" (subset {name!r})" if name else ""}: {e}. '
-                            'Offline, a hub dataset loads only from the datasets cache where it was downloaded '
-                            'before (--hf_cache DIR, with HF_DATASETS_OFFLINE=1); or save it on a machine that is '
-                            'online with save_to_disk and pass that directory with --from_disk --parent_dataset DIR') from None
+            hint = '' if os.path.isdir(parent) else (
+                ' Offline, a hub dataset loads only from the datasets cache where it was downloaded before '
+                '(--hf_cache DIR, default ./cache when it exists, with HF_DATASETS_OFFLINE=1); or save it on a '
+                'machine that is online with save_to_disk and pass that directory with --from_disk --parent_dataset DIR')
+            raise DataError(f'datasets could not load {parent!r}{f" (subset {name!r})" if name else ""}: {e}.{hint}') from None
         origin = parent + (f' ({name})' if name else '')
     splits = loaded if isinstance(loaded, dict) else {'train': loaded}
     return {k: dataset_table(v) for k, v in splits.items()}, origin
@@ -256,7 +290,10 @@ def find_tokenizer(name, tokenizer_dir='tokenizers'):
                                                                        f'{name}-vocab.json')]
     for path in candidates:
         if os.path.isfile(path):
-            return hf_spec_from_file(path), path
+            try:
+                return hf_spec_from_file(path), path
+            except TokenizerError as e:
+                raise TokenizerError(f'{path} (--tokenizer_name {name}): {e}') from None
     if name == 'gpt2':
         return {'token_kind': 'gpt2'}, 'gpt2 (tiktoken)'
     raise TokenizerError(f'no tokenizer {name!r}: expected a Hugging Face tokenizer.json file at one of '

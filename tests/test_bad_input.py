@@ -162,7 +162,7 @@ CASES = {
         ('tokenizer file missing', lambda d: xnli(d) + ['--tokenizer_name', 'nope.json'],
          "no tokenizer 'nope.json': expected a Hugging Face tokenizer.json file at one of nope.json"),
         ('labels outside --num_classes', lambda d: xnli(d) + hub(d, '--num_classes', '2'),
-         "hf/xnli-hi [train] row 1: unknown label 2 in column 'label'; expected 0 to 1 or 0, 1 (--num_classes 2)"),
+         "hf/xnli-hi [train] row 1: unknown label 2 in column 'label'; expected 0 to 1 or 0, 1 (2 classes, --num_classes)"),
         ('a text column the data lacks', lambda d: xnli(d) + hub(d, '--text_column', 'premise-phoneme', 'hypothesis'),
          "hf/xnli-hi [train] has no column 'premise-phoneme'"),
         ('an empty split', lambda d: xnli(d) + ['--train_file', empty_parquet(d)],

@@ -177,6 +177,8 @@ def test_lora_fine_tuning_saves_merged_weights_and_resumes_its_adapters(hf, tmp_
     last, best = tmp_path / 'whole' / 'last', tmp_path / 'whole' / 'best'
     assert (last / 'adapter.pt').is_file() and not (best / 'adapter.pt').exists()
     assert json.loads((last / 'config.json').read_text())['lora'] == {'rank': 4, 'alpha': 8.0}
+    _, out = run_script('inspect_model.py', '--checkpoint', last, cwd=tmp_path)
+    assert 'trained with: LoRA rank 4, alpha 8.0 on attention and MLP (merged in model.pt; the factors in adapter.pt)' in out
 
     # the LoRA model of last/ (merged weights + its factors, as --resume builds it) vs last/ loaded as a plain model
     lora_model, config, spec, _ = ft.build_model(args('whole', '--resume'), str(last), list(LABELS))
@@ -214,3 +216,55 @@ def test_lora_fine_tuning_saves_merged_weights_and_resumes_its_adapters(hf, tmp_
         assert whole.keys() == cut.keys()
         worst = max((whole[k].float() - cut[k].float()).abs().max().item() for k in whole)
         assert worst < 1e-6, (name, worst)  # the base is rebuilt as merged - B @ A * alpha/r: fp32 rounding
+
+
+def glue_like(root):
+    """ a GLUE-style single-sentence task as save_to_disk: int labels (no ClassLabel), an unlabeled test split (-1),
+    a language column with two languages, and premise / hypothesis plus phoneme-like copies of them """
+    import datasets
+    def split(n, seed, labeled=True):
+        rows = make_examples(n, seed)
+        return datasets.Dataset.from_dict({
+            'sentence': [h for _, h, _ in rows], 'label': [int('नहीं' in h) if labeled else -1 for _, h, _ in rows],
+            'language': ['en', 'es'] * (n // 2)})
+    path = root / 'glue-like'
+    datasets.DatasetDict({'train': split(120, 1), 'validation': split(30, 2), 'test': split(30, 3, False)}).save_to_disk(
+        str(path))
+    return path
+
+
+def test_the_forks_glue_and_multilingual_data(hf, tmp_path):
+    # GLUE's test labels are -1 (scored on its server): the fork reads train and validation only; the label count
+    # comes from the data (2 here, the fork's default); a language column is not a filter unless --language says so
+    data = glue_like(tmp_path)
+    _, out = run_script(SCRIPT, '--from_disk', '--parent_dataset', data, '--dataset', 'sst2', '--text_column', 'sentence',
+                        *ours(hf), '--max_steps', 3, '--block_size', 8, '--out_dir', 'glue', cwd=tmp_path)
+    assert f'note: {data} [test] is unlabeled (every label is -1, as in GLUE): it is not scored here' in out
+    assert f'data: train 120 from {data} [train], valid 30 from {data} [validation], test 0' in out
+    assert 'classes 0, 1;' in out and 'are longer than --block_size 8 tokens and were cut' in out
+    results = json.loads((tmp_path / 'glue' / 'results.json').read_text())
+    assert results['split'] == 'validation' and results['num_examples'] == 30
+    _, out = run_script(SCRIPT, '--from_disk', '--parent_dataset', data, '--text_column', 'sentence', *ours(hf),
+                        '--max_steps', 1, '--language', 'es', '--out_dir', 'glue', cwd=tmp_path)
+    assert 'data (es): train 60 from' in out and 'note: glue holds an earlier run (step 3)' in out
+
+
+def test_eval_only_reads_the_columns_the_model_was_trained_on(hf, tmp_path):
+    import datasets
+    disk = datasets.load_from_disk(str(hf.root / 'hf' / 'xnli-hi-disk'))
+    # the fork's phonemized variants: other text in suffixed columns (here the real pair; the plain columns swapped)
+    phon = datasets.DatasetDict({k: v.add_column('premise-phoneme', v['premise']).add_column(
+        'hypothesis-phoneme', v['hypothesis']).map(lambda r: {'premise': r['hypothesis'], 'hypothesis': r['premise']})
+        for k, v in disk.items()})
+    phon.save_to_disk(str(tmp_path / 'phon'))
+    run_script(SCRIPT, '--from_disk', '--parent_dataset', tmp_path / 'phon', '--text_column', 'premise-phoneme',
+               'hypothesis-phoneme', *ours(hf), '--max_steps', 2, '--out_dir', 'out', cwd=tmp_path)
+    _, out = run_script(SCRIPT, '--eval_only', '--out_dir', 'out', '--datasets', tmp_path / 'phon', '--from_disk',
+                        cwd=tmp_path)
+    report = json.loads((tmp_path / 'out' / 'results_phon.json').read_text())
+    assert report['text_columns'] == ['premise-phoneme', 'hypothesis-phoneme']
+    code, out = run_script(SCRIPT, '--eval_only', '--out_dir', 'out', '--datasets', tmp_path / 'phon',
+                           tmp_path / 'phon', '--from_disk', cwd=tmp_path, ok=False)
+    assert code == 1 and 'two of them would both write results_phon.json; name each with --dataset_labels' in out
+    _, out = run_script('inspect_model.py', '--checkpoint', tmp_path / 'out' / 'best', cwd=tmp_path)
+    assert 'trained with: full fine-tuning' in out and 'text columns premise-phoneme, hypothesis-phoneme' in out

@@ -110,7 +110,7 @@ def test_unknown_label_names_the_row_and_value(tmp_path):
     jsonl = tmp_path / 'x.jsonl'
     jsonl.write_text(''.join(json.dumps({'premise': 'a', 'hypothesis': 'b', 'label': y}) + '\n' for y in (1, 7)))
     with pytest.raises(ft.DataError, match=r"x\.jsonl line 2: unknown label 7 in column 'label'"):
-        ft.read_examples(str(jsonl))
+        ft.read_examples(str(jsonl), num_classes=3)
 
 
 def test_missing_column_lists_the_columns_found(tmp_path):
@@ -318,7 +318,7 @@ def test_end_to_end_train_evaluate_and_resume(xnli, tmp_path):
         'num_classes': 3, 'labels': list(LABELS)}
     assert json.loads((best / 'tokenizer.json').read_text()) == hf_spec_from_file(xnli.tokenizer)
     model, _, _ = ft.load_bundle(str(best))  # rebuilt from config.json alone; same test accuracy
-    test = ft.encode_dataset(ft.read_examples(str(xnli.data_dir / 'xnli.test.tsv')).rows, xnli.tok, [xnli.tok.eot_id],
+    test = ft.encode_dataset(ft.read_examples(str(xnli.data_dir / 'xnli.test.tsv'), 'hi').rows, xnli.tok, [xnli.tok.eot_id],
                              256, xnli.vocab, 'test')
     assert ft.evaluate(model, test, 64, 'cpu', nullcontext())['accuracy'] == pytest.approx(results['accuracy'])
     state = json.loads((last / 'training_state.json').read_text())
