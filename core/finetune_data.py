@@ -69,13 +69,18 @@ def read_table(path):
                         f'UTF-8 {ext} file of examples') from None
     except csv.Error as e:
         raise DataError(f'{path} is not a readable {ext} file ({e}); expected {ext} rows of examples') from None
-    try:
-        if text.lstrip().startswith('['):
+    if text.lstrip().startswith('['):
+        try:
             rows = [(f'item {i}', r) for i, r in enumerate(json.loads(text), 1)]
-        else:
-            rows = [(f'line {i}', json.loads(line)) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-    except ValueError as e:
-        raise DataError(f'{path} is not valid JSON lines ({e}); expected one JSON object per line') from None
+        except ValueError as e:
+            raise DataError(f'{path} is not a valid JSON list ({e}); expected a list of JSON objects') from None
+    else:
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            try:
+                rows += [(f'line {i}', json.loads(line))] if line.strip() else []
+            except ValueError as e:
+                raise DataError(f'{path} line {i} is not valid JSON ({e}); expected one JSON object per line') from None
     if not all(isinstance(r, dict) for _, r in rows):
         raise DataError(f'{path}: expected JSON objects (one example each), found {type(rows[0][1]).__name__}s')
     return list(dict.fromkeys(k for _, r in rows for k in r)), rows, {}
@@ -249,6 +254,9 @@ def dataset_splits(args):
     """ ({split name: table}, a description) of the `datasets` source the flags name """
     datasets = import_datasets()
     if args.from_disk:
+        if getattr(args, 'dataset_config', None):
+            print(f'note: --dataset_config {args.dataset_config} is not used with --from_disk: a saved folder has no '
+                  'subsets (name the subset\'s own folder)')
         path = args.parent_dataset or os.path.join(args.data_dir or 'datasets', args.dataset)
         if not os.path.isdir(path):
             raise DataError(f'--from_disk: {path} is not a directory; expected what Dataset(Dict).save_to_disk '

@@ -165,6 +165,9 @@ CASES = {
          "hf/xnli-hi [train] row 1: unknown label 2 in column 'label'; expected 0 to 1 or 0, 1 (2 classes, --num_classes)"),
         ('a text column the data lacks', lambda d: xnli(d) + hub(d, '--text_column', 'premise-phoneme', 'hypothesis'),
          "hf/xnli-hi [train] has no column 'premise-phoneme'"),
+        ('a broken JSON line', lambda d: xnli(d) + nli_file(d, 'train.jsonl', '{"premise": "a", "hypothesis": "b", '
+                                                                '"label": 0}\n{"premise": oops}\n'),
+         'train.jsonl line 2 is not valid JSON'),
         ('an empty split', lambda d: xnli(d) + ['--train_file', empty_parquet(d)],
          'empty.parquet has no examples: it has no data rows'),
         ('an unreadable parquet file', lambda d: xnli(d) + ['--train_file', file(d, 'train.parquet', b'not parquet')],
