@@ -345,10 +345,14 @@ raw_model = model.module if ddp else model # unwrap DDP container if needed
 raw_model = getattr(raw_model, '_orig_mod', raw_model) # and torch.compile's wrapper
 running_mfu = -1.0
 saved = False
-saved_step = ckpt.step if in_place else None
 
 def interrupted(signum, frame):
-    # Ctrl-C: where the run stands, not a traceback from inside the optimizer (a save in progress is rolled back)
+    # Ctrl-C: where the run stands, not a traceback from inside the optimizer. The step is read from the disk: a
+    # save cut before its commit point is rolled back, one cut after it is complete
+    try:
+        saved_step = read_checkpoint(out_dir).step if find_checkpoint(out_dir) else None
+    except CheckpointError:
+        saved_step = None
     where = (f"{out_dir} holds the checkpoint of step {saved_step}; continue with the same command plus "
              f"--resume_from={out_dir}" if saved_step is not None else "no checkpoint was saved")
     log(f"\ninterrupted at iter {iter_num}: {where}")
@@ -382,7 +386,7 @@ while True:
                 try:
                     save_checkpoint(out_dir, raw_model, optimizer if save_optimizer else None, iter_num,
                                     best_val_loss, losses['val'], config, scaler, rng_before_batch)
-                    saved, saved_step = True, iter_num
+                    saved = True
                 except (CheckpointError, CheckpointMismatchError) as e: # disk full; a diverged adapter (NaN)
                     fail(e)
                 if wandb_log:
