@@ -27,6 +27,7 @@ from core.checkpoint import (CheckpointError, read_checkpoint, find_checkpoint, 
                              apply_optimizer_state, set_rng_state, rng_state)
 from core.cli import SetupError, check_device, start_wandb, tell_torchrun
 from core.commit import is_plain_name
+from core.interop import GPT2_NAMES, pretrained_gpt2_dir
 from core.tokenizer import TokenizerError
 from core.training import get_lr, set_lr, train_step, estimate_loss, save_checkpoint
 from data.prepare import DatasetError, load_meta, prepare
@@ -224,10 +225,11 @@ model_args = {k: config[k] for k in BASE_FIELDS + ADAPTER_FIELDS + ('dropout',) 
 resume_path = resume_from or (out_dir if init_from == 'resume' or (model_name and find_checkpoint(out_dir)) else '')
 if init_from not in ('scratch', 'resume'):
     resume_path = init_from # a path: any bundle, legacy file or Hugging Face GPT-2 directory
-    if init_from.startswith('gpt2') and not os.path.exists(init_from):
-        fail(f"init_from = {init_from!r}: OpenAI's GPT-2 weights are not downloaded by this train.py; save them as a "
-             "Hugging Face directory (GPT2LMHeadModel.from_pretrained('gpt2').save_pretrained('gpt2-hf')) and pass "
-             "init_from=gpt2-hf")
+    if init_from in GPT2_NAMES and not os.path.exists(init_from): # nanoGPT's: OpenAI's weights, via the HF cache
+        try:
+            resume_path = pretrained_gpt2_dir(init_from)
+        except CheckpointError as e:
+            fail(e)
 ckpt = None
 if not resume_path:
     log("Initializing a new model from scratch")
@@ -241,7 +243,8 @@ if not resume_path:
 else:
     # --- smart resume: the checkpoint decides the base, this config the adapters; the key mapping lives in
     # model.load_universal_state_dict, the file formats in core/checkpoint.py ---
-    log(f"{'Initializing from' if init_from not in ('scratch', 'resume') else 'Resuming training from'} {resume_path}")
+    named = f"{init_from} ({resume_path})" if init_from in GPT2_NAMES and resume_path != init_from else resume_path
+    log(f"{'Initializing from' if init_from not in ('scratch', 'resume') else 'Resuming training from'} {named}")
     try:
         ckpt = read_checkpoint(resume_path)
         ckpt.weights() # a GPT whose config.json describes its weights, checked before anything is built

@@ -25,6 +25,32 @@ NANOGPT_ARGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size
 GPT2_EOT = 50256
 
 
+GPT2_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') # nanoGPT's init_from names of OpenAI's weights
+
+
+def pretrained_gpt2_dir(name):
+    """
+    The local folder of OpenAI's GPT-2 weights `name` (nanoGPT's init_from='gpt2', ...), found the way transformers'
+    from_pretrained finds them: downloaded into the Hugging Face cache when online, read from it when offline.
+    """
+    try:
+        from transformers.utils import cached_file
+    except ImportError:
+        raise CheckpointError(f"init_from = {name!r} loads OpenAI's GPT-2 weights through Hugging Face transformers, "
+                              'which is not installed: pip install transformers') from None
+    try:
+        config, weights = cached_file(name, 'config.json'), cached_file(name, HF_WEIGHTS)
+    except OSError as e:  # transformers' own: offline and not cached, or no network
+        raise CheckpointError(f"init_from = {name!r}: OpenAI's GPT-2 weights are neither in the Hugging Face cache nor "
+                              f"downloadable here ({str(e).splitlines()[0]}). Online they are downloaded once into the "
+                              'cache; offline, use a cache that holds them (HF_HOME), or a directory saved with '
+                              f"GPT2LMHeadModel.from_pretrained({name!r}).save_pretrained(DIR), as init_from=DIR") from None
+    if os.path.dirname(config) != os.path.dirname(weights):
+        raise CheckpointError(f'init_from = {name!r}: the Hugging Face cache holds its config.json and {HF_WEIGHTS} in '
+                              f'two places ({config}, {weights}); clear the cache entry and download it again')
+    return os.path.dirname(config)
+
+
 def is_hf_dir(path):
     path = Path(path)
     if not (path / 'config.json').is_file():

@@ -228,7 +228,8 @@ CASES = {
         ('a modded checkpoint', lambda d: ['--resume_from=' + modded(d)], 'tiny.pt is a modded-nanogpt checkpoint'),
         ('block size longer than the data', lambda d: ['--block_size=1000000'], 'but a batch needs block_size + 1'),
         ('resume from nothing', lambda d: ['--resume_from=nope'], 'no checkpoint at nope'),
-        ("nanoGPT's init_from=gpt2", lambda d: ['--init_from=gpt2'], "init_from = 'gpt2': OpenAI's GPT-2 weights are not"),
+        ("nanoGPT's init_from=gpt2, offline and not cached", lambda d: ['--init_from=gpt2'],
+         "init_from = 'gpt2': OpenAI's GPT-2 weights are neither in the Hugging Face cache nor downloadable here"),
         ('resume from a text file', lambda d: ['--resume_from=' + file(d, 'notes.txt')], 'notes.txt could not be read'),
         ('resume from an empty directory', lambda d: ['--resume_from=' + folder(d)], 'no checkpoint in the directory adir'),
         ('resume from a classifier', lambda d: ['--resume_from=' + edited(d, 'best', 'config.json', kind='nli_classifier')],
@@ -321,6 +322,8 @@ def test_bad_input_exits_1_with_one_clear_message(script, build, expected, tmp_p
     monkeypatch.setenv('OMP_NUM_THREADS', '1')  # tiny models; and a busy 2-core machine slows 2-thread runs ~10x
     monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')  # hub names fail at once (online they would retry for 30 s)
     monkeypatch.setenv('HF_DATASETS_CACHE', f'{tmp_path}-datasets-cache')  # its cache, outside the case's folder
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('HF_HUB_CACHE', f'{tmp_path}-hub-cache')
     first = ['--max_iters=1', '--eval_iters=1'] if script == 'train.py' else [] # should a case stop failing, it ends soon
     args = build(tmp_path)
     before = sorted(tmp_path.rglob('*'))

@@ -1,0 +1,87 @@
+"""
+nanoGPT's init_from='gpt2' ... 'gpt2-xl': OpenAI's weights found the way transformers finds them (the Hugging Face
+cache, offline here). The test makes that cache itself: a tiny random GPT-2 stored under the name 'gpt2-xl', laid out
+as the hub client lays out a download (models--NAME/refs/main -> snapshots/COMMIT/...).
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from core.checkpoint import read_checkpoint
+from tests.helpers import REPO, SHARED, run_script
+
+COMMIT = '0123456789abcdef0123456789abcdef01234567'
+
+
+def hub_cache(root, name, vocab_size):
+    """ a Hugging Face hub cache holding a tiny random GPT-2 as `name`; returns (cache dir, the model) """
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=1024, vocab_size=vocab_size))
+    snapshot = root / 'hub' / f'models--{name}' / 'snapshots' / COMMIT
+    model.save_pretrained(snapshot)
+    (root / 'hub' / f'models--{name}' / 'refs').mkdir()
+    (root / 'hub' / f'models--{name}' / 'refs' / 'main').write_text(COMMIT)
+    return root / 'hub', model.eval()
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+
+
+def test_init_from_gpt2_reads_the_hugging_face_cache(tmp_path, monkeypatch):
+    cache, hf = hub_cache(tmp_path, 'gpt2', vocab_size=128)
+    monkeypatch.setenv('HF_HUB_CACHE', str(cache))
+    code, out = run_script('train.py', '--init_from=gpt2', '--dataset=pydocs_char', '--max_iters=2', '--eval_iters=1',
+                           '--block_size=64', '--batch_size=2', '--dropout=0.1', '--out_dir=ft', cwd=tmp_path)
+    assert f'Initializing from gpt2 ({cache / "models--gpt2" / "snapshots" / COMMIT})' in out
+    assert 'loaded hf checkpoint' in out and 'saving checkpoint to ft' in out
+    ck = read_checkpoint(tmp_path / 'ft')
+    assert ck.step == 2 and ck.config.vocab_size == 128 and ck.config.dropout == 0.1  # nanoGPT's dropout override
+    # step 0 is OpenAI's model: the cached weights, as transformers computes them
+    code, out = run_script('train.py', '--init_from=gpt2', '--dataset=pydocs_char', '--max_iters=0',
+                           '--eval_iters=1', '--block_size=64', '--out_dir=zero', cwd=tmp_path)
+    assert 'nothing was saved' in out
+    ids = torch.randint(0, 103, (2, 16), generator=torch.Generator().manual_seed(0))
+    ours = read_checkpoint(cache / 'models--gpt2' / 'snapshots' / COMMIT).build_model()[0].eval()
+    with torch.no_grad():
+        assert (ours(ids, ids)[0] - hf(ids).logits).abs().max() < 1e-5
+
+
+def test_init_from_gpt2_offline_without_the_weights_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'empty'))
+    code, out = run_script('train.py', '--init_from=gpt2-medium', '--max_iters=1', cwd=tmp_path, ok=False)
+    assert code == 1 and 'Traceback' not in out
+    assert "init_from = 'gpt2-medium': OpenAI's GPT-2 weights are neither in the Hugging Face cache" in out
+    assert "save_pretrained(DIR), as init_from=DIR" in out and not (tmp_path / 'out').exists()
+
+
+@pytest.mark.skipif(not (SHARED / 'data' / 'tiktoken_cache').is_dir(), reason='GPT-2 BPE ranks need the shared cache')
+def test_the_shipped_finetune_shakespeare_configs(tmp_path, monkeypatch):
+    # nanoGPT's config/finetune_shakespeare.py (gpt2-xl, here a tiny stand-in in the cache) and its LoRA variant, as
+    # shipped but for a short run; the data is tiny Shakespeare in GPT-2 BPE, prepared from a local copy
+    cache, _ = hub_cache(tmp_path, 'gpt2-xl', vocab_size=50257)
+    monkeypatch.setenv('HF_HUB_CACHE', str(cache))
+    text = SHARED / 'data' / 'tinyshakespeare' / 'input.txt'
+    if not text.is_file():
+        text = tmp_path / 'input.txt'
+        text.write_text('First Citizen:\nBefore we proceed any further, hear me speak.\n' * 400)
+    run_script('data/prepare.py', '--dataset', 'shakespeare', '--input', text, '--out_dir', 'data/shakespeare',
+               cwd=tmp_path)
+    shutil.copytree(REPO / 'config', tmp_path / 'config')
+    # short: and a 2-step run cannot promise the improvement that always_save_checkpoint=False waits for
+    short = ['--max_iters=2', '--eval_iters=1', '--gradient_accumulation_steps=2', '--always_save_checkpoint=True']
+    code, out = run_script('train.py', 'config/finetune_shakespeare.py', *short, cwd=tmp_path)
+    assert 'Initializing from gpt2-xl' in out and "tokens per iteration will be: 2,048" in out
+    code, out = run_script('train.py', 'config/finetune_shakespeare_lora.py', *short, cwd=tmp_path)
+    assert 'Initializing from gpt2-xl' in out and '(0.01M trainable)' in out # rank 8 on 2 layers x 32: 8,192
+    for run in ('out-shakespeare', 'out-shakespeare-lora'):
+        assert read_checkpoint(tmp_path / run).tokenizer == {'token_kind': 'gpt2'}
+    assert (tmp_path / 'out-shakespeare-lora' / 'adapter.pt').is_file()
+    state = json.loads((tmp_path / 'out-shakespeare-lora' / 'training_state.json').read_text())
+    assert state['adapter']['attn_lora_rank'] == 8 and state['adapter']['mlp_lora_rank'] == 8
