@@ -1,16 +1,21 @@
 """
-Fine-tune a pretrained modded-nanogpt checkpoint (train_gpt_small.py / train_gpt_medium.py) for 3-way natural
-language inference on XNLI Hindi, e.g.
+Fine-tune a pretrained modded-nanogpt checkpoint (train_gpt_small.py / train_gpt_medium.py) for sequence
+classification: 3-way natural language inference on XNLI Hindi by default, e.g.
 $ python finetune_hindi_xnli.py --dataset hindi_xnli --pretrained_ckpt_path best_state_step010000_val3.2100.pt \
     --tokenizer_name bpe-hin-urd-owt-tokenizer.json --n_layer 12 --n_head 6 --n_embd 768 --batch_size 16 --num_epochs 3
+and any task the modded-nanogpt fork's finetune.py runs, with its command line (core/finetune_data.py reads the data):
+$ python finetune_hindi_xnli.py --no_subset --dataset xnli-en-es-normal --parent_dataset mugezhang/xnli-en-es-ipa \
+    --text_column premise hypothesis --label_column label --num_classes 3 --batch_size 16 --num_epochs 3 ...
 
-Data comes from local files only: the XNLI 1.0 release (--data_dir holding xnli.dev.tsv and xnli.test.tsv, rows of
---language kept), or JSON lines / CSV files with premise, hypothesis and label columns (--train_file, ...).
-XNLI 1.0 ships no Hindi training set, so unless --train_file/--valid_file say otherwise, a seeded 90/10 split of
-xnli.dev.tsv trains and validates, and xnli.test.tsv tests. The outputs, in --out_dir:
-  best/   the best model by validation accuracy: model.pt, config.json, tokenizer.json, training_state.json
-  last/   the same plus optimizer.pt, written at every evaluation, for --resume
-  results.json   best/ scored on the test set: accuracy, macro-F1, per-class accuracy, confusion matrix
+Local XNLI 1.0 files: --data_dir holding xnli.dev.tsv and xnli.test.tsv (rows of --language, default hi). XNLI 1.0
+ships no Hindi training set, so unless --train_file/--valid_file say otherwise, a seeded 90/10 split of xnli.dev.tsv
+trains and validates, and xnli.test.tsv tests. --lora_rank R trains LoRA adapters instead of every weight. The
+outputs, in --out_dir:
+  best/   the best model by validation accuracy: model.pt (merged weights), config.json, tokenizer.json,
+          training_state.json
+  last/   the same plus optimizer.pt (and adapter.pt with LoRA), written at every evaluation, for --resume
+  results.json   best/ scored on the test set: accuracy, macro-F1, the fork's F1/F2/recall, confusion matrix
+--eval_only scores best/ on other data, as the fork's evaluate.py: results_<label>.json.
 """
 
 import argparse
