@@ -266,6 +266,14 @@ CASES = {
          'tiny.pt is a modded-nanogpt checkpoint (blocks.N.attn.qkv_w / qkvo_w), not a nanoGPT GPT: check it with '
          'python test_checkpoint_loading.py tiny.pt'),
     ],
+    'sample.py': [
+        ('no checkpoint in out_dir', lambda d: ['--out_dir=nope'], 'no checkpoint at nope'),
+        ('--num_samples=0', lambda d: ['--out_dir=' + bundle(d), '--num_samples=0'],
+         'num_samples = 0 cannot be used: it must be at least 1'),
+        ('a mistyped key', lambda d: ['--outdir=b'], "Unknown config key 'outdir' (from the command line). Did you mean: out_dir"),
+        ('--init_from=gpt2, offline and not cached', lambda d: ['--init_from=gpt2'],
+         "init_from = 'gpt2': OpenAI's GPT-2 weights are neither in the Hugging Face cache"),
+    ],
     'inspect_model.py': [
         ('no checkpoint named', lambda d: [], 'exactly one of --model_name NAME or --checkpoint PATH'),
         ('both named', lambda d: ['--checkpoint', 'x', '--model_name', 'y'], 'exactly one of'),

@@ -85,3 +85,21 @@ def test_the_shipped_finetune_shakespeare_configs(tmp_path, monkeypatch):
     assert (tmp_path / 'out-shakespeare-lora' / 'adapter.pt').is_file()
     state = json.loads((tmp_path / 'out-shakespeare-lora' / 'training_state.json').read_text())
     assert state['adapter']['attn_lora_rank'] == 8 and state['adapter']['mlp_lora_rank'] == 8
+
+
+def test_nanogpts_sample_command_samples_what_generate_samples(tmp_path):
+    # nanoGPT users type `python sample.py --out_dir=...`: the same code as generate.py, nanoGPT's spelling
+    from core.checkpoint import save_bundle
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=96))
+    model.tokenizer_spec = {'token_kind': 'char', 'chars': [chr(32 + i) for i in range(95)] + ['\n']}
+    save_bundle(tmp_path / 'out-x', model, 3, None)
+    (tmp_path / 'prompt.txt').write_text('To be')
+    _, ours = run_script('sample.py', '--out_dir=out-x', '--start=FILE:prompt.txt', '--num_samples=2',
+                         '--max_new_tokens=30', '--seed=7', '--device=cpu', cwd=tmp_path)
+    _, theirs = run_script('generate.py', '--checkpoint', 'out-x', '--start', 'FILE:prompt.txt', '--num_samples', 2,
+                           '--max_new_tokens', 30, '--seed', 7, '--device', 'cpu', cwd=tmp_path)
+    samples = lambda out: [s[s.index('To be'):] for s in out.split('---------------') if 'To be' in s]
+    assert len(samples(ours)) == 2 and [s.strip() for s in samples(ours)] == [s.strip() for s in samples(theirs)]
+    assert all(len(s.strip()) == len('To be') + 30 for s in samples(ours))
