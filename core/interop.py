@@ -23,6 +23,10 @@ CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_
 HF_BUFFERS = ('.attn.bias', '.attn.masked_bias') # causal masks older transformers saved; not weights
 NANOGPT_ARGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
 GPT2_EOT = 50256
+# the GPT-2 config fields our GPT computes at one value only (transformers' defaults, OpenAI's models): a directory
+# with another value would load into a model that computes something else, so it is refused, naming the field
+HF_FIXED = {'layer_norm_epsilon': 1e-5, 'scale_attn_weights': True, 'scale_attn_by_inverse_layer_idx': False,
+            'reorder_and_upcast_attn': False, 'tie_word_embeddings': True}
 
 
 GPT2_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') # nanoGPT's init_from names of OpenAI's weights
@@ -108,6 +112,10 @@ def read_hf(path):
     activation = {'gelu': 'gelu', 'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh'}.get(cfg.get('activation_function', 'gelu_new'))
     if activation is None:
         raise CheckpointError(f"{path}/config.json: activation {cfg.get('activation_function')!r} is not a GELU")
+    for field, value in HF_FIXED.items():
+        if cfg.get(field, value) != value:
+            raise CheckpointError(f'{path}/config.json: {field} = {cfg[field]!r}, but this GPT computes only {field} = '
+                                  f'{value!r} (as GPT-2 and nanoGPT do): loaded, it would compute another function')
     if (path / HF_WEIGHTS).is_file():
         sd = load_file(path / HF_WEIGHTS) # safetensors holds tensors only: nothing to unpickle
     elif (path / 'pytorch_model.bin').is_file():

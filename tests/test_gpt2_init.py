@@ -103,3 +103,29 @@ def test_nanogpts_sample_command_samples_what_generate_samples(tmp_path):
     samples = lambda out: [s[s.index('To be'):] for s in out.split('---------------') if 'To be' in s]
     assert len(samples(ours)) == 2 and [s.strip() for s in samples(ours)] == [s.strip() for s in samples(theirs)]
     assert all(len(s.strip()) == len('To be') + 30 for s in samples(ours))
+
+
+@pytest.mark.parametrize('field, value', [('layer_norm_epsilon', 1e-6), ('scale_attn_weights', False),
+                                          ('scale_attn_by_inverse_layer_idx', True), ('reorder_and_upcast_attn', True),
+                                          ('tie_word_embeddings', False), ('activation_function', 'relu')])
+def test_a_gpt2_config_we_cannot_compute_is_refused_by_name(tmp_path, field, value):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from core.checkpoint import CheckpointError
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=64,
+                               **{field: value})).save_pretrained(tmp_path / 'hf')
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(tmp_path / 'hf').build_model()
+    assert field.split('_function')[0] in str(e.value) and repr(value) in str(e.value)
+    code, out = run_script('generate.py', '--checkpoint', tmp_path / 'hf', cwd=tmp_path, ok=False)
+    assert code == 1 and 'Traceback' not in out and 'config.json: ' in out
+
+
+def test_a_gpt2_config_with_its_own_mlp_width_computes_exactly(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=64, n_inner=40)).eval()
+    hf.save_pretrained(tmp_path / 'hf')
+    ours = read_checkpoint(tmp_path / 'hf').build_model()[0].eval()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert ours.config.n_hidden == 40 and (ours(ids, ids)[0] - hf(ids).logits).abs().max() < 1e-5
