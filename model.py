@@ -833,8 +833,9 @@ def lora_parametrizations(model):
 
 def modded_lora_state(model):
     """ (merged weights under the layout's own keys, the LoRA factors) of a model, with or without LoRA """
-    merged = {k: v for k, v in model.state_dict().items() if '.parametrizations.' not in k}
-    factors = {k: v for k, v in model.state_dict().items() if '.parametrizations.' in k and not k.endswith('.original')}
+    state = model.state_dict()
+    merged = {k: v for k, v in state.items() if '.parametrizations.' not in k}
+    factors = {k: v for k, v in state.items() if '.parametrizations.' in k and not k.endswith('.original')}
     with torch.no_grad():
         for key, plist in lora_parametrizations(model):
             original = plist.original
