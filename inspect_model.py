@@ -10,8 +10,8 @@ classifiers finetune_hindi_xnli.py writes.
 import os
 from pathlib import Path
 
-from model import ADAPTER_FIELDS, ADAPTER_RANKS, GPTConfig
-from core.checkpoint import CheckpointError
+from model import ADAPTER_FIELDS
+from core.checkpoint import CheckpointError, describe_adapters
 from core.args import Parser
 from core.cli import add_checkpoint_args, open_checkpoint, run
 
@@ -35,21 +35,12 @@ def describe_tokenizer(spec):
     return [f'kind      : {kind}']
 
 
-def describe_adapters(adapter):
-    try:
-        config = GPTConfig(**{k: v for k, v in adapter.items() if k in ADAPTER_FIELDS})
-    except (TypeError, ValueError) as e: # training_state.json can be edited by hand
-        return f'unreadable adapter settings in training_state.json ({e})'
-    ranks = [f'{name} r{getattr(config, key)}' for name, key in ADAPTER_RANKS if getattr(config, key)]
-    return f"LoRA {', '.join(ranks)}, alpha {config.lora_alpha}" if ranks else 'none (standard)'
-
-
 def describe_optimizer(ck):
     if ck.kind == 'bundle':
         name = ck.training_state.get('optimizer_file')
         return f'{name} (keyed by parameter name)' if name else 'none (deploy-only save)'
-    if ck.kind == 'hf':
-        return 'none (a Hugging Face directory holds weights only)'
+    if ck.kind in ('hf', 'peft'):
+        return f"none (a {'Hugging Face directory' if ck.kind == 'hf' else 'peft adapter'} holds weights only)"
     state = ck.optimizer_state()
     return f"present for {len(state['state'])} parameter tensors, named by nanoGPT order" if state else 'none usable'
 

@@ -23,7 +23,7 @@ from torch.distributed import init_process_group, destroy_process_group
 
 from model import GPTConfig, GPT, ADAPTER_FIELDS, BASE_FIELDS, CheckpointMismatchError
 from configurator import apply_config, ConfigError
-from core.checkpoint import (CheckpointError, read_checkpoint, find_checkpoint, describe_load,
+from core.checkpoint import (CheckpointError, read_checkpoint, read_peft, find_checkpoint, describe_load,
                              apply_optimizer_state, set_rng_state, rng_state)
 from core.cli import SetupError, check_device, start_wandb, tell_torchrun
 from core.commit import is_plain_name
@@ -45,6 +45,7 @@ always_save_checkpoint = True # if True, always save a checkpoint after each eva
 save_optimizer = True # False: a deploy-only bundle (no optimizer.pt)
 init_from = 'scratch' # 'scratch', 'resume' (from out_dir), or a path (a bundle, ckpt.pt, Hugging Face GPT-2 dir)
 resume_from = '' # a bundle directory or legacy checkpoint file to resume from (implies resuming)
+adapter_from = '' # a peft LoRA adapter directory to continue, with its settings; its base model: init_from, or DIR/base
 # wandb logging
 wandb_log = False # disabled by default
 wandb_project = 'nanogpt-checkpoints'
@@ -92,6 +93,7 @@ debug = False # show the traceback of errors that are otherwise reported in one 
 # -----------------------------------------------------------------------------
 config_keys = [k for k,v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 config = {k: globals()[k] for k in config_keys}
+defaults = dict(config) # to tell the settings a run gives from the ones it leaves alone
 try:
     apply_config(config, sys.argv[1:]) # overrides from the command line or a config file
 except ConfigError as e:
@@ -141,6 +143,9 @@ if model_name and not is_plain_name(model_name):
     fail(f'model_name = {model_name!r} is not a name: checkpoints live in checkpoints/<model_name>, so no paths')
 if resume_from and init_from not in ('scratch', 'resume') and os.path.abspath(resume_from) != os.path.abspath(init_from):
     fail(f'init_from = {init_from!r} and resume_from = {resume_from!r} name two checkpoints: pass one of them')
+if adapter_from and (resume_from or init_from == 'resume'):
+    fail(f'adapter_from = {adapter_from!r} starts a run from a peft adapter, and resume_from / init_from = \'resume\' '
+         'continues one of ours: pass one of them (the base model of the adapter goes in init_from)')
 # an adapter setting that the other settings switch off is said, never silently dropped
 if embedding_mode == 'lora' and embedding_rank == 0:
     log("note: embedding_mode = 'lora' with embedding_rank = 0: the embedding stays standard (pass --embedding_rank=N)")
@@ -223,6 +228,8 @@ best_val_loss = 1e9
 # model init: base architecture from the config, or from the checkpoint on resume; adapters from the config
 model_args = {k: config[k] for k in BASE_FIELDS + ADAPTER_FIELDS + ('dropout',) if k in config}
 resume_path = resume_from or (out_dir if init_from == 'resume' or (model_name and find_checkpoint(out_dir)) else '')
+if adapter_from:
+    resume_path = '' # the base is init_from's, else the adapter's own (read_peft)
 if init_from not in ('scratch', 'resume'):
     resume_path = init_from # a path: any bundle, legacy file or Hugging Face GPT-2 directory
     if init_from in GPT2_NAMES and not os.path.exists(init_from): # nanoGPT's: OpenAI's weights, via the HF cache
@@ -231,7 +238,7 @@ if init_from not in ('scratch', 'resume'):
         except CheckpointError as e:
             fail(e)
 ckpt = None
-if not resume_path:
+if not resume_path and not adapter_from:
     log("Initializing a new model from scratch")
     # nanoGPT pads GPT-2's 50257 up to 50304 (a multiple of 64) for speed; a char vocabulary is used as is
     model_args['vocab_size'] = 50304 if meta['tokenizer']['token_kind'] == 'gpt2' else meta['vocab_size']
@@ -244,16 +251,19 @@ else:
     # --- smart resume: the checkpoint decides the base, this config the adapters; the key mapping lives in
     # model.load_universal_state_dict, the file formats in core/checkpoint.py ---
     named = f"{init_from} ({resume_path})" if init_from in GPT2_NAMES and resume_path != init_from else resume_path
-    log(f"{'Initializing from' if init_from not in ('scratch', 'resume') else 'Resuming training from'} {named}")
+    if adapter_from:
+        log(f"Initializing from the peft adapter {adapter_from}" + (f" on the base model {named}" if named else ''))
+    else:
+        log(f"{'Initializing from' if init_from not in ('scratch', 'resume') else 'Resuming training from'} {named}")
     try:
-        ckpt = read_checkpoint(resume_path)
+        ckpt = read_peft(adapter_from, base=resume_path or None) if adapter_from else read_checkpoint(resume_path)
         ckpt.weights() # a GPT whose config.json describes its weights, checked before anything is built
         if ckpt.tokenizer is not None and ckpt.tokenizer != meta['tokenizer']:
-            raise CheckpointError(f"{resume_path} was trained with another tokenizer than {data_dir}/meta.json's "
+            raise CheckpointError(f"{ckpt.path} was trained with another tokenizer than {data_dir}/meta.json's "
                                   f"({ckpt.tokenizer.get('token_kind')} vs {meta['tokenizer'].get('token_kind')}, "
                                   f"vocab {ckpt.config.vocab_size} vs {meta['vocab_size']}): pick the dataset it was trained on")
         if ckpt.tokenizer is None and meta['vocab_size'] > ckpt.config.vocab_size:
-            raise CheckpointError(f"{resume_path} stores no vocabulary, and {data_dir}/meta.json's has {meta['vocab_size']} "
+            raise CheckpointError(f"{ckpt.path} stores no vocabulary, and {data_dir}/meta.json's has {meta['vocab_size']} "
                                   f"tokens where the model has {ckpt.config.vocab_size} embedding rows: ids past "
                                   f"{ckpt.config.vocab_size - 1} have no embedding. Pick the dataset it was trained on")
         for k in BASE_FIELDS:
@@ -261,13 +271,19 @@ else:
             if k in model_args and ours != theirs and not (k == 'n_hidden' and ours == 0) and k != 'block_size':
                 log(f"note: {k} = {theirs} from the checkpoint is used (this config says {ours})")
             model_args[k] = theirs
+        if adapter_from: # the adapter brings its settings (rank, alpha, targets); one this run sets otherwise wins
+            for k, theirs in ckpt.training_state['adapter'].items():
+                if config[k] != defaults[k] and config[k] != theirs:
+                    log(f"note: {k} = {config[k]} from this config is used (the peft adapter has {theirs})")
+                else:
+                    model_args[k] = config[k] = theirs
         model = GPT.on_meta(GPTConfig(**model_args)) # built without memory or init: the checkpoint fills it
         report = ckpt.load_into(model)
     except (CheckpointError, CheckpointMismatchError) as e:
         fail(e)
     log(describe_load(ckpt, report))
     if ckpt.tokenizer is None:
-        log(f"note: {resume_path} stores no vocabulary: {data_dir}/meta.json's ({meta['vocab_size']} tokens) is used "
+        log(f"note: {ckpt.path} stores no vocabulary: {data_dir}/meta.json's ({meta['vocab_size']} tokens) is used "
             f"with the model's {ckpt.config.vocab_size} embedding rows, and saved with the checkpoint")
     # the block size: the checkpoint has position embeddings for ckpt.config.block_size positions
     if block_size < ckpt.config.block_size:

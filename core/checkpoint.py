@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
-from model import (ADAPTER_FIELDS, GPT, GPTConfig, is_lora_factor, load_universal_state_dict, standard_key,
-                   standardize_state_dict)
+from model import (ADAPTER_FIELDS, ADAPTER_RANKS, GPT, CheckpointMismatchError, GPTConfig, is_lora_factor, load_universal_state_dict,
+                   merge_lora_factors, standard_key, standardize_state_dict)
 from core.commit import (MANIFEST_FILE, CheckpointError, DamagedError, atomic_write, check_sizes, commit_directory,
                          interrupted_save, is_plain_name, verify_file, write_json)
-from core.interop import HF_WEIGHTS, export_hf, export_nanogpt, is_hf_dir, read_hf
-from core.tokenizer import char_spec, load_tokenizer, spec_vocab_size
+from core.interop import HF_WEIGHTS, export_hf, export_nanogpt, is_hf_dir, model_card, read_hf, tokenizer_files, write_hf_dir
+from core.peft_adapter import BASE_DIR, find_base, is_peft_dir, read_adapter, write_peft_dir
+from core.tokenizer import char_spec, load_tokenizer, spec_from_hf_tokenizer, spec_vocab_size
 
 FORMAT_VERSION = 1
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = 'model.pt', 'config.json', 'tokenizer.json'
@@ -300,12 +301,12 @@ class Checkpoint:
     """ what a checkpoint holds, read lazily: weights, optimizer and adapters load only when asked for """
 
     def __init__(self, path, kind, config, tokenizer, step, best_val_loss, training_state, notes=(),
-                 weights=None, optimizer=None, lora_alpha=None, manifest=None, details=None):
+                 weights=None, optimizer=None, lora_alpha=None, manifest=None, details=None, adapters=None):
         self.path, self.kind, self.config, self.tokenizer = str(path), kind, config, tokenizer
         self.step, self.best_val_loss, self.training_state = step, best_val_loss, training_state
         self.notes, self.lora_alpha, self.manifest = list(notes), lora_alpha, manifest
         self.details = details # a checkpoint that is not a GPT: its own config.json, for reports
-        self._weights, self._optimizer = weights, optimizer
+        self._weights, self._optimizer, self._adapters = weights, optimizer, adapters
         self._checked = False
 
     @property
@@ -356,6 +357,8 @@ class Checkpoint:
         return self._optimizer
 
     def adapter_state(self):
+        if self._adapters is not None: # read with the weights (a peft adapter)
+            return self._adapters
         name = self.training_state.get('adapter_file')
         return self.load_file(name) if self.kind == 'bundle' and name else None
 
@@ -383,12 +386,58 @@ class Checkpoint:
 
 def read_hf_checkpoint(path, meta_path=None):
     fields, weights = read_hf(path)
-    tokenizer = {'token_kind': 'gpt2'} if fields['vocab_size'] in (50257, 50304) else None
-    notes = []
+    path, notes, state = Path(path), [], export_state(path)
+    if (path / 'tokenizer.json').is_file(): # transformers' tokenizer, as our export writes it (or anyone's)
+        tokenizer = spec_from_hf_tokenizer(read_json(path / 'tokenizer.json'))
+    else:
+        tokenizer = {'token_kind': 'gpt2'} if fields['vocab_size'] in (50257, 50304) else None
     if meta_path: # a vocabulary named on the command line (--meta) wins
         tokenizer = read_meta_file(meta_path)
         notes.append(f'tokenizer: read from {meta_path}')
-    return Checkpoint(path, 'hf', config_from_dict(fields, path), tokenizer, 0, None, {}, notes, weights=weights)
+    return Checkpoint(path, 'hf', config_from_dict(fields, path), tokenizer, state.get('step', 0),
+                      state.get('best_val_loss'), state, notes, weights=weights)
+
+
+def read_peft(path, meta_path=None, base=None):
+    """ a peft LoRA adapter with its base Hugging Face GPT-2: the merged weights (universal, like every checkpoint)
+    and the factors, restored by a run with the same adapter settings """
+    settings, factors, saved_embeddings = read_adapter(path)
+    base_path = find_base(path, base)
+    if not is_hf_dir(base_path):
+        raise CheckpointError(f'{base_path}, the base of the peft adapter {path}, is not a Hugging Face GPT-2 directory '
+                              '(config.json with a model_type, and model.safetensors)')
+    base_ck = read_hf_checkpoint(base_path, meta_path)
+    weights = dict(base_ck.weights())
+    for name, value in saved_embeddings.items():
+        ours = weights[name.replace('.base_layer', '')]
+        if value.shape != ours.shape or not value.equal(ours):
+            raise CheckpointError(f'{path} saved its own {name} (a resized or trained embedding) that differs from the '
+                                  f'base model\'s in {base_path}: the adapter belongs to another base')
+    for module in sorted({k.rsplit('.lora_', 1)[0] for k in factors}):
+        key = f'{module}.weight'
+        if key not in weights:
+            raise CheckpointError(f'{path} adapts {module}, which the base model in {base_path} does not have '
+                                  f'({base_ck.config.n_layer} layers): the adapter belongs to another base')
+        try:
+            weights[key] = merge_lora_factors(weights[key], factors[f'{module}.lora_A.weight'],
+                                              factors[f'{module}.lora_B.weight'], settings['lora_alpha'])
+        except CheckpointMismatchError as e:
+            raise CheckpointError(f'{path}: the adapter of {module} does not fit the base in {base_path}: {e}') from None
+    weights['lm_head.weight'] = weights['transformer.wte.weight'] # tied to the (adapted) embedding
+    state = {**export_state(path), 'adapter': settings}
+    return Checkpoint(path, 'peft', base_ck.config, base_ck.tokenizer, state.get('step', 0), state.get('best_val_loss'),
+                      state, [f'base model: {base_path}'] + base_ck.notes, weights=weights, adapters=factors)
+
+
+def export_state(path):
+    """ the training_state.json our Hugging Face and peft exports write beside transformers' files (which ignore it):
+    the step and val loss of the weights, and the run's config """
+    path = Path(path) / STATE_FILE
+    state = read_json(path) if path.is_file() else {}
+    if not isinstance(state, dict) or not (isinstance(state.get('step', 0), int) and state.get('step', 0) >= 0):
+        raise CheckpointError(f'{path}: expected a JSON object whose step is a whole number >= 0, found {str(state)[:80]}')
+    return {k: v for k, v in state.items() if (k == 'step' or k == 'config' and isinstance(v, dict) or
+                                               k in ('best_val_loss', 'val_loss') and isinstance(v, (int, float)))}
 
 
 def read_classifier(path, meta_path=None):
@@ -563,7 +612,48 @@ def write_bundle(ck, model, out, force=False):
 
 
 def write_hf(ck, model, out, force=False):
-    export_hf(model, out)
+    export_hf(model, out, ck.tokenizer, export_about(ck))
+
+
+def write_peft(ck, model, out, force=False):
+    """ the LoRA factors in peft's format, the base (merged weights less the update) as a Hugging Face directory """
+    settings = {k: v for k, v in (ck.training_state.get('adapter') or {}).items() if k in ADAPTER_FIELDS}
+    lora, report = ck.build_model(**settings)
+    if report['fresh_lora']:
+        raise CheckpointError(f'{ck.path} was trained with LoRA, but its factors were not saved with it (no '
+                              f'{ADAPTER_FILE}: a deploy-only save), so there are no adapters to export: export it --to hf')
+    about = export_about(ck)
+    base = os.path.join(out, BASE_DIR)
+    files, _ = tokenizer_files(ck.tokenizer, ck.config.block_size) if ck.tokenizer else ({}, None)
+    files[STATE_FILE] = {k: about.get(k) for k in ('step', 'best_val_loss', 'val_loss', 'config')}
+    usage = ['from peft import PeftModel', 'from transformers import GPT2LMHeadModel',
+             f"model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained('{base}'), '{out}')",
+             'merged = model.merge_and_unload()  # a plain GPT2LMHeadModel']
+    params = sum(v.numel() for k, v in lora.state_dict().items() if '.lora_' not in k and k != 'lm_head.weight')
+    files['README.md'] = model_card(lora.config, {**about, 'adapters': describe_adapters(settings)}, params, usage)
+    # with an embedding adapter, the base's head is a separate copy of the table: see write_hf_dir
+    write_base = lambda directory, weights: write_hf_dir(directory, lora.config, weights, ck.tokenizer,
+                                                         {**about, 'name': 'The base model'},
+                                                         tied=not lora.config.embedding_lora_rank)
+    write_peft_dir(out, lora, write_base, files, base_name=base)
+
+
+def describe_adapters(adapter):
+    """ a training_state's adapter settings in words, for inspect_model.py and model cards """
+    try:
+        config = GPTConfig(**{k: v for k, v in adapter.items() if k in ADAPTER_FIELDS})
+    except (TypeError, ValueError) as e: # training_state.json can be edited by hand
+        return f'unreadable adapter settings in training_state.json ({e})'
+    ranks = [f'{name} r{getattr(config, key)}' for name, key in ADAPTER_RANKS if getattr(config, key)]
+    return f"LoRA {', '.join(ranks)}, alpha {config.lora_alpha}" if ranks else 'none (standard)'
+
+
+def export_about(ck):
+    """ what an export says about its weights: in its training_state.json and model card """
+    run = ck.training_state.get('config') or {}
+    return {'step': ck.step, 'val_loss': ck.training_state.get('val_loss'), 'best_val_loss': ck.best_val_loss,
+            'config': run, 'source': f'{ck.path} ({ck.title})', 'dataset': run.get('dataset'),
+            'tokenizer': (ck.tokenizer or {}).get('token_kind')}
 
 
 def write_nanogpt(ck, model, out, force=False):
@@ -579,6 +669,8 @@ KINDS = {
     'classifier': Kind('Fine-tuned classifier (finetune_hindi_xnli.py), not a GPT language model',
                        lambda p: p if p.is_dir() and config_kind(p) == 'nli_classifier' else None, read_classifier,
                        None, gpt=False),
+    'peft': Kind('peft LoRA adapter with its base (Hugging Face GPT-2)', lambda p: p if p.is_dir() and is_peft_dir(p) else None,
+                 read_peft, write_peft),
     'bundle': Kind('New JSON-based format', bundle_dir, read_bundle, write_bundle),
     'legacy': Kind('Legacy single file', legacy_file, read_legacy, None),
     'nanogpt': Kind('Legacy single file (nanoGPT ckpt.pt)', None, None, write_nanogpt),

@@ -26,7 +26,7 @@ GPT2_EOT = 50256
 # the GPT-2 config fields our GPT computes at one value only (transformers' defaults, OpenAI's models): a directory
 # with another value would load into a model that computes something else, so it is refused, naming the field
 HF_FIXED = {'layer_norm_epsilon': 1e-5, 'scale_attn_weights': True, 'scale_attn_by_inverse_layer_idx': False,
-            'reorder_and_upcast_attn': False, 'tie_word_embeddings': True}
+            'reorder_and_upcast_attn': False}
 
 
 GPT2_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') # nanoGPT's init_from names of OpenAI's weights
@@ -77,29 +77,83 @@ def hf_incompatibility(config):
     return None
 
 
-def hf_config(config):
-    eot = GPT2_EOT if config.vocab_size > GPT2_EOT else None
+def hf_config(config, eot=None, tied=True):
     return {'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2', 'vocab_size': config.vocab_size,
             'n_positions': config.block_size, 'n_ctx': config.block_size, 'n_embd': config.n_embd,
             'n_layer': config.n_layer, 'n_head': config.n_head, 'n_inner': None,
             'activation_function': 'gelu_new' if config.activation == 'gelu_tanh' else 'gelu',
             'resid_pdrop': config.dropout, 'embd_pdrop': config.dropout, 'attn_pdrop': config.dropout,
-            'layer_norm_epsilon': 1e-5, 'initializer_range': 0.02, 'tie_word_embeddings': True,
+            'layer_norm_epsilon': 1e-5, 'initializer_range': 0.02, 'tie_word_embeddings': tied,
             'bos_token_id': eot, 'eos_token_id': eot}
 
 
-def export_hf(model, out_dir):
-    """ config.json + model.safetensors of the merged weights; the tied head is left to transformers to tie """
-    reason = hf_incompatibility(model.config)
+def tokenizer_files(spec, block_size):
+    """ tokenizer.json and tokenizer_config.json that transformers' AutoTokenizer reads (PreTrainedTokenizerFast,
+    built by the tokenizers library: nothing downloaded), encoding text to our ids; and the end-of-text id """
+    from core.tokenizer import hf_tokenizer, load_tokenizer
+    ours = load_tokenizer(spec)
+    tokenizer = hf_tokenizer(spec)
+    eot = None if ours.eot_id is None else tokenizer.id_to_token(ours.eot_id)
+    settings = {'tokenizer_class': 'PreTrainedTokenizerFast', 'model_max_length': block_size,
+                'clean_up_tokenization_spaces': False, # transformers would otherwise turn " ." into "." on decode
+                **({'bos_token': eot, 'eos_token': eot} if eot else {})}
+    return {'tokenizer.json': json.loads(tokenizer.to_str()), 'tokenizer_config.json': settings}, ours.eot_id
+
+
+def model_card(config, about, params, usage):
+    """ README.md: what the model is, how it was trained and how to run it, for people who find the directory """
+    about = {k: v for k, v in about.items() if v is not None}
+    lines = ['---', 'library_name: transformers', 'pipeline_tag: text-generation', 'tags: [gpt2, nanogpt]', '---', '',
+             f"# {about.get('name', 'A nanoGPT-style GPT-2')}", '',
+             f'A GPT-2 ({config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, context '
+             f'{config.block_size}, vocabulary {config.vocab_size}, {params / 1e6:.2f}M parameters), exported from '
+             f"{about.get('source', 'a nanoGPT-style checkpoint')} by convert_checkpoints.py.", '']
+    facts = [('Training steps', about.get('step')), ('Val loss of these weights', about.get('val_loss')),
+             ('Best val loss', about.get('best_val_loss')), ('Tokenizer', about.get('tokenizer')),
+             ('Dataset', about.get('dataset')), ('Adapters', about.get('adapters'))]
+    lines += [f'- {k}: {v:.4f}' if isinstance(v, float) else f'- {k}: {v}' for k, v in facts if v is not None]
+    return '\n'.join(lines + ['', '```python', *usage, '```', ''])
+
+
+HF_FILES = (HF_WEIGHTS, 'config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json',
+            'README.md', 'training_state.json')
+
+
+def export_hf(model, out_dir, tokenizer=None, about=None):
+    """ the merged weights as a transformers GPT-2 directory: config.json + model.safetensors (the tied head is left
+    to transformers to tie), the tokenizer, generation_config.json, a model card, and our training_state.json """
+    write_hf_dir(out_dir, model.config, model.get_merged_state_dict(), tokenizer, about or {})
+    return out_dir
+
+
+def write_hf_dir(out_dir, config, state_dict, tokenizer, about, tied=True):
+    """ tied=False stores lm_head.weight, a copy of the table, as a model of its own (peft's base for an embedding
+    adapter: the adapter's lm_head share then merges into the head alone, not a second time into the table) """
+    reason = hf_incompatibility(config)
     if reason:
         raise CheckpointError(f'cannot export to the Hugging Face GPT-2 format: {reason}')
-    weights = {k: (v.t() if k.endswith(CONV1D) else v).contiguous()
-               for k, v in model.get_merged_state_dict().items() if k != 'lm_head.weight'}
+    weights = {k: (v.t() if k.endswith(CONV1D) else v).contiguous() for k, v in state_dict.items()
+               if k != 'lm_head.weight' or not tied}
+    weights = {k: v.clone() if k == 'lm_head.weight' else v for k, v in weights.items()} # safetensors refuses aliases
+    files, eot = tokenizer_files(tokenizer, config.block_size) if tokenizer else ({}, None)
+    if eot is None and tokenizer is None and config.vocab_size > GPT2_EOT:
+        eot = GPT2_EOT # GPT-2's vocabulary assumed, as on reading
+    # nanoGPT's sampling defaults (generate.py's and sample.py's), so pipeline() samples as they do
+    files['generation_config.json'] = {'bos_token_id': eot, 'eos_token_id': eot, 'do_sample': True,
+                                       'temperature': 0.8, 'top_k': 200}
+    files['config.json'] = hf_config(config, eot, tied)
+    # what inspect_model.py reports and a resume continues from (transformers ignores the file)
+    files['training_state.json'] = {k: about.get(k) for k in ('step', 'best_val_loss', 'val_loss', 'config')}
+    usage = ['from transformers import pipeline', f"generate = pipeline('text-generation', model='{out_dir}')",
+             f"print(generate({'Hello' if eot is not None else 'The'!r}, max_new_tokens=40)[0]['generated_text'])"]
+    card = model_card(config, about, sum(v.numel() for v in weights.values()), usage)
+
     def write(directory):
         save_file(weights, os.path.join(directory, HF_WEIGHTS), metadata={'format': 'pt'})
-        write_json(os.path.join(directory, 'config.json'), hf_config(model.config))
-    commit_directory(out_dir, write, replaces=(HF_WEIGHTS, 'config.json'))
-    return out_dir
+        for name, content in files.items():
+            write_json(os.path.join(directory, name), content)
+        Path(directory, 'README.md').write_text(card, encoding='utf-8')
+    commit_directory(out_dir, write, replaces=HF_FILES)
 
 
 def read_hf(path):
@@ -125,6 +179,13 @@ def read_hf(path):
     sd = {k if k.startswith(('transformer.', 'lm_head.')) else f'transformer.{k}': v for k, v in sd.items()
           if not k.endswith(HF_BUFFERS)}
     sd = {k: (v.t() if k.endswith(CONV1D) else v) for k, v in sd.items()}
+    if cfg.get('tie_word_embeddings', True) is False: # read exactly when the head is a copy of the table (a peft base)
+        head = sd.get('lm_head.weight')
+        if head is None or not head.equal(sd['transformer.wte.weight']):
+            raise CheckpointError(f"{path}/config.json: tie_word_embeddings = False and lm_head.weight "
+                                  f"{'is missing' if head is None else 'differs from the token embedding'}, but this "
+                                  'GPT ties its head to the embedding (as GPT-2 and nanoGPT do): loaded, it would compute '
+                                  'another function')
     sd.setdefault('lm_head.weight', sd['transformer.wte.weight']) # tied
     n_inner = cfg.get('n_inner') or 4 * cfg['n_embd']
     fields = dict(vocab_size=cfg['vocab_size'], block_size=cfg['n_positions'], n_embd=cfg['n_embd'],

@@ -8,11 +8,13 @@ with exactly the tokenizer it was trained with. Three kinds:
   {"token_kind": "hf", "tokenizer": {...}}   a Hugging Face `tokenizers` tokenizer, its JSON embedded
 
 load_tokenizer(spec) gives an object with encode(text), decode(ids), vocab_size, eot_id, spec.
+hf_tokenizer(spec) gives the same tokenizer as a `tokenizers.Tokenizer` (for a Hugging Face export), and
+spec_from_hf_tokenizer(tokenizer_json) reads one back.
 """
 import json
 
 import tiktoken
-from tokenizers import Tokenizer
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 # For hf tokenizers, the first of these that exists is taken as the end-of-text token.
 HF_EOT_TOKENS = ("<|endoftext|>", "</s>", "[SEP]", "<eos>", "[EOS]")
@@ -133,6 +135,112 @@ def hf_spec_from_file(path):
     spec = {"token_kind": "hf", "tokenizer": tokenizer_json}
     load_tokenizer(spec)
     return spec
+
+
+# -----------------------------------------------------------------------------
+# our specs as Hugging Face `tokenizers` tokenizers, and back
+
+# post-processors that add tokens ([CLS] ... [SEP], <s> ... </s>, templates) to every encoded text
+ADDING_POST_PROCESSORS = ("TemplateProcessing", "BertProcessing", "RobertaProcessing")
+
+
+def hf_tokenizer(spec):
+    """A tokenizers.Tokenizer that encodes any text to the ids load_tokenizer(spec).encode(text) gives (even with
+    add_special_tokens=True) and decodes them back to the same text."""
+    ours = load_tokenizer(spec)  # checks the spec, with our error messages
+    kind = spec["token_kind"]
+    if kind == "char":
+        tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(ours.itos)}, unk_token="<unk>"))
+        # every character on its own, newlines and spaces included ('.' would skip newlines)
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Fuse()  # join the characters with nothing between them (the default puts spaces)
+        # a character outside the vocabulary: "<unk>" is not in it, so WordLevel raises ("Missing [UNK] token
+        # from the vocabulary") instead of encoding something else, as our encode raises TokenizerError
+        return tok
+    if kind == "gpt2":
+        return _gpt2_hf_tokenizer(ours.enc)
+    tokenizer_json = dict(spec["tokenizer"])
+    # our models are trained on plain running text, so tokens a post-processor adds to each text
+    # ([CLS] ... [SEP]) would be inputs the model never saw: drop them, as our encode does
+    tokenizer_json["post_processor"] = _without_added_tokens(tokenizer_json.get("post_processor"))
+    return Tokenizer.from_str(json.dumps(tokenizer_json))
+
+
+def spec_from_hf_tokenizer(tokenizer_json):
+    """Our spec for a tokenizer.json's contents: 'char' for the char layout hf_tokenizer writes, 'gpt2' for
+    GPT-2's byte-level BPE, else 'hf' with the JSON embedded."""
+    model = tokenizer_json.get("model") or {}
+    vocab = model.get("vocab")
+    if model.get("type") == "WordLevel" and isinstance(vocab, dict) and sorted(vocab.values()) == list(range(len(vocab))):
+        chars = sorted(vocab, key=vocab.get)
+        if all(len(c) == 1 for c in chars):
+            spec = {"token_kind": "char", "chars": chars}
+            if json.loads(hf_tokenizer(spec).to_str()) == tokenizer_json:  # exactly our layout, nothing else
+                return spec
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    if (model.get("type") == "BPE" and isinstance(vocab, dict) and len(vocab) == 50257
+            and all(vocab.get(t) == i for t, i in GPT2_KNOWN_IDS.items())
+            and tokenizer_json.get("normalizer") is None
+            and pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space")):
+        return {"token_kind": "gpt2"}
+    return {"token_kind": "hf", "tokenizer": tokenizer_json}
+
+
+# a few GPT-2 ids (in the byte-to-unicode alphabet, 'Ġ' is a space): enough to tell GPT-2's vocabulary apart
+GPT2_KNOWN_IDS = {"!": 0, "Ġt": 256, "Ġthe": 262, "ĠThe": 383, "<|endoftext|>": 50256}
+
+
+def gpt2_byte_alphabet():
+    """GPT-2's byte -> unicode character map: byte-level BPE works on strings, so each byte gets a visible
+    character; printable bytes stand for themselves, the rest (space, control bytes) are moved past 255."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(moved)}}
+
+
+def _gpt2_hf_tokenizer(enc):
+    ranks = enc._mergeable_ranks  # bytes -> rank: tiktoken keeps no merge list, only the ranks
+    alphabet = gpt2_byte_alphabet()
+    text = lambda token: "".join(alphabet[b] for b in token)
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    # the merge that made a token of rank r is the last step of BPE over its bytes with the ranks below r;
+    # in rank order, the merge list ranks pairs the way tiktoken ranks their concatenations
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) > 1:
+            left, right = _last_merge(token, ranks, rank)
+            merges.append((text(left), text(right)))
+    eot = "<|endoftext|>"
+    vocab[eot] = enc.eot_token
+    tok = Tokenizer(models.BPE(vocab, merges))
+    # GPT-2's regex split, no space put in front of the text (tiktoken adds none)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([eot])
+    return tok
+
+
+def _last_merge(token, ranks, rank):
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        pairs = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
+        i = min(range(len(pairs)), key=pairs.__getitem__)
+        if pairs[i] >= rank:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    if len(parts) != 2:
+        raise TokenizerError(f"GPT-2 token {token!r} (rank {rank}) is not one merge of two lower-ranked tokens.")
+    return parts
+
+
+def _without_added_tokens(post):
+    """post-processor JSON with the ones that add tokens taken out (a ByteLevel one only fixes offsets: kept)."""
+    if not post or post.get("type") in ADDING_POST_PROCESSORS:
+        return None
+    if post.get("type") == "Sequence":
+        kept = [p for p in map(_without_added_tokens, post.get("processors", [])) if p]
+        return {**post, "processors": kept} if kept else None
+    return post
 
 
 def _short(value, limit=80):

@@ -1,0 +1,189 @@
+"""
+peft's LoRA adapters for transformers' GPT-2 (adapter_config.json + adapter_model.safetensors), both ways.
+
+Our LoRA and peft's compute the same update on the same modules: W x + B A x * lora_alpha / r on attn.c_attn,
+attn.c_proj, mlp.c_fc and mlp.c_proj (peft's A and B are nn.Linear factors even over GPT-2's Conv1D layers, so the
+factors are ours unchanged), and E + A B^T * lora_alpha / r on the token embedding (peft stores our A transposed).
+One difference: our head is tied to the adapted embedding, while peft's embedding LoRA leaves lm_head as the base
+table. A LoRA on lm_head made of the same two factors (B = our A, A = our B^T) carries that part, so an export
+targets lm_head too, and an import requires exactly that pairing (anything else computes another function).
+
+Nothing here imports peft or transformers: the files are JSON and safetensors. Our tests check them with peft.
+"""
+
+import json
+import re
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from core.commit import CheckpointError, commit_directory, write_json
+
+PEFT_CONFIG, PEFT_WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'
+BASE_DIR = 'base' # convert --to peft writes the base model as a Hugging Face GPT-2 directory here
+PREFIX = 'base_model.model.' # peft's names: the transformers model's own, under its wrapper
+# our adapter settings -> the modules peft targets for them (per block, or of the model)
+TARGETS = {'attn_lora_rank': ('attn.c_attn', 'attn.c_proj'), 'mlp_lora_rank': ('mlp.c_fc', 'mlp.c_proj'),
+           'embedding_rank': ('wte', 'lm_head')}
+BLOCK_MODULE = re.compile(r'transformer\.h\.(\d+)\.((?:attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj))')
+# adapter_config.json settings that change what the adapter computes, which this GPT's LoRA cannot: each must be off
+UNSUPPORTED = {
+    'use_dora': 'DoRA (weight-decomposed LoRA) adds a magnitude vector',
+    'use_rslora': 'rsLoRA scales the update by lora_alpha / sqrt(r), this GPT by lora_alpha / r',
+    'alpha_pattern': 'a lora_alpha per module; this GPT has one lora_alpha',
+    'bias': "trained biases live in the adapter file ('none' is the only setting kept out of it)",
+    'lora_bias': 'a bias on the B factor',
+    'modules_to_save': 'whole modules trained and saved beside the adapters',
+    'layer_replication': 'layers repeated from the base',
+    'target_parameters': 'LoRA on parameters rather than modules',
+    'trainable_token_indices': 'trained rows of the embedding',
+    'use_qalora': 'quantization-aware LoRA',
+}
+OFF = (None, False, 'none', [], {})
+
+
+def is_peft_dir(path):
+    return (Path(path) / PEFT_CONFIG).is_file()
+
+
+# -----------------------------------------------------------------------------
+# export
+
+def write_peft_dir(out_dir, model, write_base, files, base_name=BASE_DIR):
+    """
+    `model`: our GPT with its LoRA factors. Writes adapter_config.json + adapter_model.safetensors, the base weights
+    (the merged weights less the update) through write_base(directory, base_state_dict) into out_dir/base, and
+    `files` (name -> a dict, written as JSON, or text) beside them.
+    """
+    config, sd = model.config, model.state_dict()
+    factors = {k: v for k, v in sd.items() if '.lora_' in k}
+    if not factors:
+        raise CheckpointError('the checkpoint has no LoRA adapters to export in peft\'s format (it was trained '
+                              'without them, or saved without adapter.pt): export it --to hf instead')
+    ranks = {field: getattr(config, 'embedding_lora_rank' if field == 'embedding_rank' else field) for field in TARGETS}
+    targets = [t for field, names in TARGETS.items() if ranks[field] for t in names]
+    r = next(rank for rank in ranks.values() if rank)
+    patterns = {t: ranks[field] for field, names in TARGETS.items() for t in names if ranks[field] not in (0, r)}
+    adapter_config = {
+        'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'r': r, 'lora_alpha': config.lora_alpha,
+        'lora_dropout': config.lora_dropout, 'target_modules': targets, 'rank_pattern': patterns, 'alpha_pattern': {},
+        'fan_in_fan_out': True, # GPT-2's Conv1D layers; peft turns it off for lm_head, an nn.Linear
+        'bias': 'none', 'use_dora': False, 'use_rslora': False, 'modules_to_save': None, 'init_lora_weights': True,
+        'inference_mode': True, 'base_model_name_or_path': str(base_name),
+    }
+    tensors = {}
+    for key, value in factors.items():
+        module, factor = key.rsplit('.lora_', 1) # factor: 'A.weight' or 'B.weight'
+        if module == 'transformer.wte':
+            continue
+        tensors[f'{PREFIX}{module}.lora_{factor}'] = value
+    if ranks['embedding_rank']:
+        A, B = sd['transformer.wte.lora_A.weight'], sd['transformer.wte.lora_B.weight'] # A [V, r], B [D, r]
+        tensors[f'{PREFIX}transformer.wte.lora_embedding_A'] = A.t()
+        tensors[f'{PREFIX}transformer.wte.lora_embedding_B'] = B
+        tensors[f'{PREFIX}lm_head.lora_A.weight'] = B.t() # the tied head's share of the update
+        tensors[f'{PREFIX}lm_head.lora_B.weight'] = A
+    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()} # lm_head's share aliases wte's
+    base = {k.replace('.main_weight.', '.'): v for k, v in sd.items() if '.lora_' not in k}
+    base['lm_head.weight'] = base['transformer.wte.weight'] # tied to the base table, as in the model
+
+    def write(directory):
+        write_base(Path(directory) / BASE_DIR, base)
+        save_file(tensors, str(Path(directory) / PEFT_WEIGHTS), metadata={'format': 'pt'})
+        write_json(Path(directory) / PEFT_CONFIG, adapter_config)
+        for name, content in files.items():
+            if isinstance(content, str):
+                (Path(directory) / name).write_text(content, encoding='utf-8')
+            else:
+                write_json(Path(directory) / name, content)
+    commit_directory(out_dir, write, replaces=(PEFT_CONFIG, PEFT_WEIGHTS, BASE_DIR, *files))
+
+
+# -----------------------------------------------------------------------------
+# import
+
+def read_adapter(path):
+    """
+    (our adapter settings, our LoRA factors under our key names, the embedding weights peft saved beside them) of a
+    peft LoRA adapter for GPT-2, checked: a setting or module this GPT cannot compute exactly is refused by name.
+    """
+    path = Path(path)
+    try:
+        cfg = json.loads((path / PEFT_CONFIG).read_text(encoding='utf-8'))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f'{path / PEFT_CONFIG} could not be read as JSON ({e}); expected peft\'s adapter config') from None
+    where = path / PEFT_CONFIG
+    if not isinstance(cfg, dict) or cfg.get('peft_type') != 'LORA':
+        found = cfg.get('peft_type') if isinstance(cfg, dict) else type(cfg).__name__
+        raise CheckpointError(f'{where}: peft_type is {found!r}; only LoRA adapters (peft_type "LORA") can be read')
+    for field, what in UNSUPPORTED.items():
+        if cfg.get(field) not in OFF:
+            raise CheckpointError(f'{where}: {field} = {cfg[field]!r}: {what}. This GPT\'s LoRA computes W + B A * '
+                                  'lora_alpha / r and nothing else, so the adapter cannot be loaded exactly; '
+                                  f'train it with {field} off')
+    alpha, dropout = cfg.get('lora_alpha'), cfg.get('lora_dropout', 0.0)
+    if not (isinstance(alpha, (int, float)) and alpha > 0) or not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        raise CheckpointError(f'{where}: lora_alpha = {alpha!r} and lora_dropout = {dropout!r}; expected a number '
+                              'above 0 and a probability below 1')
+    if not (path / PEFT_WEIGHTS).is_file():
+        raise CheckpointError(f'{path} has an {PEFT_CONFIG} but no {PEFT_WEIGHTS} (adapter_model.bin is pickle; '
+                              'save the adapter with safe_serialization=True, peft\'s default)')
+    tensors = load_file(path / PEFT_WEIGHTS) # safetensors: tensors only, nothing to unpickle
+    factors, embedding_bases, head = {}, {}, {}
+    for key, value in tensors.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else None
+        module = name and name.rsplit('.', 2)[0]
+        if name and BLOCK_MODULE.fullmatch(module or '') and name.endswith(('.lora_A.weight', '.lora_B.weight')):
+            factors[name] = value
+        elif name in ('transformer.wte.lora_embedding_A', 'transformer.wte.lora_embedding_B'):
+            # peft's embedding factors: A [r, V], B [D, r]; ours: A [V, r] (an embedding), B [D, r] (a linear)
+            factors['transformer.wte.lora_' + name[-1] + '.weight'] = value.t() if name.endswith('A') else value
+        elif name in ('lm_head.lora_A.weight', 'lm_head.lora_B.weight'):
+            head[name[-8]] = value
+        elif name in ('transformer.wte.base_layer.weight', 'lm_head.base_layer.weight'):
+            embedding_bases[name] = value # peft saves the embedding with its adapter; it must be the base's
+        else:
+            raise CheckpointError(f'{path / PEFT_WEIGHTS} holds {key}, which this GPT has no place for: its LoRA '
+                                  'adapts attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj and the token embedding '
+                                  '(with the tied lm_head) only')
+    embedding = 'transformer.wte.lora_A.weight' in factors
+    if embedding != bool(head) or (embedding and not (
+            head.get('A') is not None and head['A'].shape == factors['transformer.wte.lora_B.weight'].t().shape
+            and head['A'].equal(factors['transformer.wte.lora_B.weight'].t()) and head.get('B') is not None
+            and head['B'].equal(factors['transformer.wte.lora_A.weight']))):
+        raise CheckpointError(f'{path}: this GPT ties its output head to the adapted token embedding, so an embedding '
+                              'adapter must come with the same update on lm_head (lm_head.lora_B = wte\'s A '
+                              'transposed, lm_head.lora_A = wte\'s B transposed, as convert_checkpoints.py --to peft '
+                              'writes it). This adapter has ' + ('an embedding adapter without it' if embedding else
+                                                                 'an lm_head adapter of its own') +
+                              ': loaded here, it would compute another function')
+    settings = {'embedding_mode': 'lora' if embedding else 'standard', 'lora_alpha': float(alpha),
+                'lora_dropout': float(dropout), 'lora_train_norms_biases': False}
+    for field, names in TARGETS.items():
+        kinds = ('wte',) if field == 'embedding_rank' else names
+        found = {k: v for k, v in factors.items() if k.endswith('.lora_A.weight') and k.split('.lora_')[0].endswith(kinds)}
+        ranks = {(v.shape[1] if field == 'embedding_rank' else v.shape[0]) for v in found.values()}
+        if len(ranks) > 1:
+            raise CheckpointError(f'{path}: its {field.split("_")[0]} adapters have ranks {sorted(ranks)}; this GPT '
+                                  f'has one rank for {" and ".join(names)} of every layer ({field})')
+        settings[field] = ranks.pop() if ranks else 0
+    return settings, factors, embedding_bases
+
+
+def find_base(path, base=None):
+    """ the base model of a peft adapter directory: given (train.py's init_from), or convert --to peft's path/base.
+    base_model_name_or_path is not followed as a path: a name read from a file never leads outside the checkpoint """
+    if base:
+        return base
+    if (Path(path) / BASE_DIR).is_dir():
+        return str(Path(path) / BASE_DIR)
+    try:
+        named = json.loads((Path(path) / PEFT_CONFIG).read_text(encoding='utf-8')).get('base_model_name_or_path')
+    except (OSError, ValueError, AttributeError):
+        named = None
+    from core.interop import GPT2_NAMES, pretrained_gpt2_dir
+    if named in GPT2_NAMES:
+        return pretrained_gpt2_dir(named) # OpenAI's weights, through the Hugging Face cache
+    raise CheckpointError(f'{path} is a peft adapter whose base model ({named!r}) is not here: pass the base Hugging '
+                          f'Face GPT-2 directory with it (train.py --init_from=BASE_DIR --adapter_from={path}), or put '
+                          f'the base in {Path(path) / BASE_DIR}')
