@@ -1,12 +1,13 @@
 """
 Convert legacy single-file checkpoints (nanoGPT's ckpt.pt, older latest.pt / final.pt) into bundles, and export
-any checkpoint to every kind core/checkpoint.py's KINDS can write (bundle, hf, nanogpt).
+any checkpoint to every kind core/checkpoint.py's KINDS can write (bundle, hf, peft, nanogpt).
 The original file is never modified; the bundle is written beside it (or to --out), the optimizer state
 comes along (named by parameter), and each conversion is verified by comparing logits before and after.
 $ python convert_checkpoints.py                              # every model under checkpoints/
 $ python convert_checkpoints.py checkpoints/dante/final.pt out/ckpt.pt
 $ python convert_checkpoints.py out/ckpt.pt --out bundles/shakespeare
-$ python convert_checkpoints.py out-deploy --to hf hf-model         # transformers' GPT2LMHeadModel reads it
+$ python convert_checkpoints.py out-deploy --to hf hf-model         # transformers' pipeline() and AutoTokenizer read it
+$ python convert_checkpoints.py out-lora --to peft peft-adapter     # peft's LoRA adapter, its base in peft-adapter/base
 $ python convert_checkpoints.py out-deploy --to nanogpt out/ckpt.pt # nanoGPT's sample.py / train.py read it
 """
 
@@ -112,7 +113,8 @@ if __name__ == '__main__':
     parser.add_argument('--out', help='where to write the bundle (default: beside the source)')
     parser.add_argument('--force', action='store_true', help='replace a bundle already in the output directory')
     parser.add_argument('--to', nargs=2, metavar=('FORMAT', 'OUT'),
-                        help='export instead: bundle OUT_DIR, hf OUT_DIR (transformers GPT2LMHeadModel) or nanogpt FILE (its ckpt.pt)')
+                        help='export instead: bundle OUT_DIR, hf OUT_DIR (transformers GPT2LMHeadModel + tokenizer), peft '
+                             'OUT_DIR (a LoRA run\'s adapter, its base in OUT_DIR/base) or nanogpt FILE (its ckpt.pt)')
     parser.add_argument('--meta', help="the vocabulary, for files that don't store one (meta.json or nanoGPT meta.pkl)")
     parser.add_argument('--debug', action='store_true', help='show the full traceback on errors')
     run(main, parser.parse_args())

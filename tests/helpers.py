@@ -148,3 +148,33 @@ def interrupted_after_first_save(monkeypatch, module, run):
     with pytest.raises(Crash):
         run()
     monkeypatch.setattr(module, 'save_bundle', save)
+
+
+class Logits(torch.nn.Module):
+    """ a transformers model called the way our tests call a GPT: model(ids, targets)[0] are the logits """
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, ids, targets=None):
+        return self.hf(input_ids=ids).logits, None
+
+
+def make_peft_adapter(base_dir, adapter_dir, vocab_size, targets, r=4, alpha=16, steps=3, **options):
+    """ a tiny random GPT-2 saved with save_pretrained in base_dir, and a LoRA adapter made by peft's own
+    get_peft_model on it, trained a few steps (B != 0), saved in adapter_dir; returns the peft model (Logits) """
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(1)
+    base = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=vocab_size))
+    base.save_pretrained(base_dir)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), fan_in_fan_out=True,
+                                            task_type='CAUSAL_LM', **options))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, vocab_size, (4, 32))
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(adapter_dir)
+    return Logits(model.eval())

@@ -3,7 +3,8 @@ The resume matrix: every kind of checkpoint a user may hold, resumed by train.py
 plain python or torchrun) into every kind of run, one cell per (source, target).
 
 Sources (each built once per module, tiny): a bundle; a LoRA bundle with adapter.pt; the public nanoGPT's ckpt.pt,
-plain and compiled with biases; the older latest.pt; a Hugging Face GPT-2 directory; a bundle written under torchrun.
+plain and compiled with biases; the older latest.pt; a Hugging Face GPT-2 directory; a LoRA adapter made by peft with
+its base beside it; a bundle written under torchrun.
 Targets: standard; LoRA on attention, MLP and embedding; another rank; a smaller and a larger block size; one process
 and two (torchrun). Targets d-g keep the source's own adapters (a LoRA source stays LoRA), so only one thing changes;
 (f) is therefore the same train.py run as (a), or (b) for the LoRA source, and is listed as such. The 2-process target
@@ -13,7 +14,7 @@ Each cell must end in one of:
   val loss = stored   a continued run whose first evaluation equals the val loss stored in the checkpoint (1e-4)
   logits = source     where the checkpoint stores no comparable val loss (nanoGPT, latest.pt, Hugging Face, a cropped
                       block size): a run that evaluates and saves without training (max_iters = the source's step;
-                      a step-0 Hugging Face directory trains one step at learning rate 0), whose saved model's
+                      a step-0 Hugging Face or peft directory trains one step at learning rate 0), whose saved model's
                       logits equal the source model's (1e-5; the first 16 positions when cropped: attention is causal)
   clear error         exit 1, no traceback, one message naming the value, before any training step; only where
                       EXPECTED_ERRORS says so
@@ -36,7 +37,7 @@ import torch
 from core.checkpoint import read_checkpoint, save_bundle
 from data.prepare import load_meta, prepare
 from model import GPT, GPTConfig
-from tests.helpers import REPO, TINY_CONFIG, make_nanogpt_checkpoint
+from tests.helpers import REPO, TINY_CONFIG, make_nanogpt_checkpoint, make_peft_adapter
 
 pytestmark = [
     pytest.mark.xdist_group('resume_matrix'), # with --dist loadgroup the module's sources are built once
@@ -95,7 +96,7 @@ TARGETS = [
     Target('f', '1 process (as trained)'),
     Target('g', '2 processes (torchrun)', processes=2),
 ]
-SOURCE_NAMES = ['bundle', 'lora', 'nanogpt', 'nanogpt-compiled', 'legacy', 'hf', 'torchrun']
+SOURCE_NAMES = ['bundle', 'lora', 'nanogpt', 'nanogpt-compiled', 'legacy', 'hf', 'peft', 'torchrun']
 CELLS = [(s, t.letter) for s in SOURCE_NAMES for t in TARGETS]
 TARGET = {t.letter: t for t in TARGETS}
 
@@ -212,7 +213,8 @@ class Matrix:
             Source('nanogpt-compiled', 'nanoGPT ckpt.pt compiled, bias', 'nanogpt',
                    path=src / 'nanogpt-compiled' / 'out' / 'ckpt.pt'),
             Source('legacy', 'legacy latest.pt', 'legacy', path=src / 'legacy' / 'checkpoints' / 'old' / 'latest.pt'),
-            Source('hf', 'Hugging Face GPT-2 dir', 'hf', step=0, path=src / 'hf'),
+            Source('hf', 'Hugging Face GPT-2 dir (our export)', 'hf', path=src / 'hf'),
+            Source('peft', 'peft adapter + base (get_peft_model)', 'peft', step=0, path=src / 'peft'),
             Source('torchrun', 'bundle (torchrun x2)', 'bundle', stored_val=True, path=src / 'torchrun'),
         ]}
         assert list(self.sources) == SOURCE_NAMES
@@ -221,7 +223,7 @@ class Matrix:
                 s.reference = bundle_reference(s)
         # the cells to run ahead of the tests: their sources first, the costly ones first, then the cells in order
         needed = {name for name, _ in prefetch}
-        for name in ('torchrun', 'bundle', 'lora', 'hf', 'nanogpt', 'nanogpt-compiled', 'legacy'):
+        for name in ('torchrun', 'bundle', 'lora', 'hf', 'peft', 'nanogpt', 'nanogpt-compiled', 'legacy'):
             if name in needed:
                 self.source(name)
         for name, letter in prefetch:
@@ -274,14 +276,22 @@ class Matrix:
         source.reference = lambda: model
 
     def build_hf(self, source):
-        # convert_checkpoints.py --to hf from a bias=True bundle; the directory holds no vocabulary
+        # convert_checkpoints.py --to hf from a bias=True bundle; its tokenizer.json reads back as the dataset's
         with self.lock:
             model, _ = tiny_trained_model(len(self.chars), bias=True, seed=6)
             save_bundle(self.src / 'hf-bundle', model, STEP, tokenizer=self.meta['tokenizer'])
         out = checked(run(self.root, self.src / 'hf-bundle', '--to', 'hf', source.path, script='convert_checkpoints.py',
                           config=None)).out
         assert 'max |logits difference| read back' in out and (source.path / 'model.safetensors').is_file()
-        assert read_checkpoint(source.path).tokenizer is None # train.py takes the dataset's
+        assert read_checkpoint(source.path).tokenizer == self.meta['tokenizer']
+        source.reference = lambda: model
+
+    def build_peft(self, source):
+        # made by peft's own get_peft_model on a tiny GPT-2 (attention and MLP, r 4, alpha 16: not LORA4's alpha, so
+        # a LoRA target starts its adapters fresh), trained a few steps; the base beside it as convert --to peft lays
+        # it out. No vocabulary: train.py takes the dataset's. The reference is peft's own forward.
+        with self.lock:
+            model = make_peft_adapter(source.path / 'base', source.path, len(self.chars), ('c_attn', 'c_proj', 'c_fc'))
         source.reference = lambda: model
 
     # --- cells ---
