@@ -625,7 +625,7 @@ def write_peft(ck, model, out, force=False):
     about = export_about(ck)
     base = os.path.join(out, BASE_DIR)
     files, _ = tokenizer_files(ck.tokenizer, ck.config.block_size) if ck.tokenizer else ({}, None)
-    files[STATE_FILE] = {k: about.get(k) for k in ('step', 'best_val_loss', 'val_loss', 'config')}
+    files[STATE_FILE] = {k: about[k] for k in ('step', 'best_val_loss', 'val_loss', 'config') if about.get(k) is not None}
     usage = ['from peft import PeftModel', 'from transformers import GPT2LMHeadModel',
              f"model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained('{base}'), '{out}')",
              'merged = model.merge_and_unload()  # a plain GPT2LMHeadModel']
@@ -633,7 +633,8 @@ def write_peft(ck, model, out, force=False):
     files['README.md'] = model_card(lora.config, {**about, 'adapters': describe_adapters(settings)}, params, usage)
     # with an embedding adapter, the base's head is a separate copy of the table: see write_hf_dir
     write_base = lambda directory, weights: write_hf_dir(directory, lora.config, weights, ck.tokenizer,
-                                                         {**about, 'name': 'The base model'},
+                                                         {'name': f'The base model of the peft adapter in {out}',
+                                                          **{k: about[k] for k in ('source', 'dataset', 'tokenizer')}},
                                                          tied=not lora.config.embedding_lora_rank)
     write_peft_dir(out, lora, write_base, files, base_name=base)
 

@@ -143,7 +143,8 @@ def write_hf_dir(out_dir, config, state_dict, tokenizer, about, tied=True):
                                        'temperature': 0.8, 'top_k': 200}
     files['config.json'] = hf_config(config, eot, tied)
     # what inspect_model.py reports and a resume continues from (transformers ignores the file)
-    files['training_state.json'] = {k: about.get(k) for k in ('step', 'best_val_loss', 'val_loss', 'config')}
+    files['training_state.json'] = {k: about[k] for k in ('step', 'best_val_loss', 'val_loss', 'config')
+                                    if about.get(k) is not None}
     usage = ['from transformers import pipeline', f"generate = pipeline('text-generation', model='{out_dir}')",
              f"print(generate({'Hello' if eot is not None else 'The'!r}, max_new_tokens=40)[0]['generated_text'])"]
     card = model_card(config, about, sum(v.numel() for v in weights.values()), usage)

@@ -146,6 +146,11 @@ def read_adapter(path):
             raise CheckpointError(f'{path / PEFT_WEIGHTS} holds {key}, which this GPT has no place for: its LoRA '
                                   'adapts attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj and the token embedding '
                                   '(with the tied lm_head) only')
+    modules = {k.rsplit('.lora_', 1)[0] for k in factors}
+    halves = sorted(m for m in modules if not all(f'{m}.lora_{x}.weight' in factors for x in 'AB'))
+    if halves:
+        raise CheckpointError(f'{path / PEFT_WEIGHTS} holds one of the two LoRA factors of {halves[0]} only: the file '
+                              'is incomplete or damaged')
     embedding = 'transformer.wte.lora_A.weight' in factors
     if embedding != bool(head) or (embedding and not (
             head.get('A') is not None and head['A'].shape == factors['transformer.wte.lora_B.weight'].t().shape

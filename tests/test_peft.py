@@ -141,6 +141,9 @@ def test_an_adapter_for_another_base_or_module_is_refused(tmp_path):
     save_file({**tensors, **extra}, weights)
     with pytest.raises(CheckpointError, match='adapts transformer.h.5.attn.c_attn, which the base model'):
         read_peft(tmp_path / 'adapter', base=tmp_path / 'base')
+    save_file({k: v for k, v in tensors.items() if 'h.0.attn.c_attn.lora_B' not in k}, weights)
+    with pytest.raises(CheckpointError, match='one of the two LoRA factors of transformer.h.0.attn.c_attn only'):
+        read_peft(tmp_path / 'adapter', base=tmp_path / 'base')
     ln = {k.replace('attn.c_attn', 'ln_1'): v for k, v in tensors.items()}
     save_file(ln, weights)
     with pytest.raises(CheckpointError, match='ln_1.lora_A.weight, which this GPT has no place for'):
