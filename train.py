@@ -26,7 +26,7 @@ from configurator import apply_config, ConfigError
 from core.checkpoint import (CheckpointError, read_checkpoint, read_peft, find_checkpoint, describe_load,
                              apply_optimizer_state, set_rng_state, rng_state)
 from core.cli import SetupError, check_device, start_wandb, tell_torchrun
-from core.commit import is_plain_name
+from core.commit import is_plain_name, lock_writer
 from core.interop import GPT2_NAMES, pretrained_gpt2_dir
 from core.tokenizer import TokenizerError
 from core.training import get_lr, set_lr, train_step, estimate_loss, save_checkpoint
@@ -186,6 +186,12 @@ else:
     master_process = True
     seed_offset = 0
     ddp_world_size = 1
+# one writer per out_dir, for the whole run: a second run saving there would undo this one's saves
+if master_process and not eval_only and os.path.isdir(os.path.dirname(os.path.abspath(out_dir))):
+    try:
+        lock_writer(out_dir) # (a new parent folder is made, and locked, at the first save instead)
+    except CheckpointError as e:
+        fail(e)
 torch.manual_seed(seed + seed_offset)
 torch.backends.cuda.matmul.allow_tf32 = True # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True # allow tf32 on cudnn

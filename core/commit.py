@@ -11,8 +11,15 @@ detected and named. How:
   between the two renames) use the complete sibling, and the next save finishes the job;
 - files in NAME that the new save does not replace (a legacy latest.pt, a user's notes) are carried over as
   hard links, with their manifest entries;
-- reading: sizes are checked when a directory is opened, checksums when a file is read.
+- reading: sizes are checked when a directory is opened, checksums when a file is read;
+- one writer per directory: a run that may save into NAME holds an exclusive lock on `.NAME.lock` beside it
+  (flock: the kernel releases it when the process dies, however it dies), so a second run refuses at start
+  instead of clearing the first one's save in progress as a leftover.
 """
+
+import atexit
+import errno
+import fcntl
 
 import json
 import mmap
@@ -213,6 +220,69 @@ def carry_over(old_dir, new_dir, names):
             os.link(source, target)
 
 
+# -----------------------------------------------------------------------------
+# one writer per checkpoint directory
+
+HELD = {} # lock file path -> (the open descriptor holding its lock, the pid that took it)
+
+
+def lock_path(final_dir):
+    final_dir = Path(final_dir)
+    return final_dir.with_name(f'.{final_dir.name}.lock')
+
+
+def lock_writer(final_dir):
+    """
+    Make this process final_dir's one writer, until unlock_writer or exit; True if this call took the lock, False if
+    the process held it already. Another live process holding it is a CheckpointError naming its pid. A lock taken
+    on a file that its holder removed meanwhile is no lock, so the file is checked to be the one locked.
+    """
+    final_dir, path = Path(final_dir), lock_path(final_dir)
+    if str(path) in HELD:
+        return False
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 64).decode(errors='replace').strip() or 'unknown'
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise CheckpointError(f'{final_dir} is being written by another run (pid {holder}, holding {path}): two runs '
+                                  'saving into one directory would undo each other\'s saves. Let it finish or stop it, '
+                                  'or give this run another out_dir') from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd) # its last holder removed it as we opened it: take the new one
+    os.ftruncate(fd, 0)
+    os.write(fd, f'{os.getpid()}\n'.encode())
+    HELD[str(path)] = (fd, os.getpid())
+    return True
+
+
+def unlock_writer(final_dir):
+    path = str(lock_path(final_dir))
+    fd, pid = HELD.pop(path, (None, None))
+    if fd is None or pid != os.getpid(): # a forked child never releases its parent's lock
+        return
+    try:
+        os.unlink(path) # while still locked: a process that opened it meanwhile finds it gone, and opens it again
+    except OSError:
+        pass
+    os.close(fd)
+
+
+@atexit.register
+def release_writer_locks():
+    for path in list(HELD):
+        unlock_writer(Path(path).with_name(Path(path).name[1:-len('.lock')]))
+
+
 def commit_directory(final_dir, write_files, replaces=()):
     """
     Write final_dir as a whole: write_files(directory) writes the new files; entries of the old final_dir that
@@ -222,7 +292,16 @@ def commit_directory(final_dir, write_files, replaces=()):
     final_dir = Path(final_dir)
     if final_dir.exists() and not final_dir.is_dir():
         raise CheckpointError(f'{final_dir} is a file: a checkpoint is written as a directory there; name a directory')
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    taken = lock_writer(final_dir) # before recover(): the leftovers it clears are then no live writer's
+    try:
+        return commit_locked(final_dir, write_files, replaces)
+    finally:
+        if taken: # a one-off save (convert, a test); a training run holds its lock until it exits
+            unlock_writer(final_dir)
+
+
+def commit_locked(final_dir, write_files, replaces):
+    finish_cleanups() # the last commit's replaced directory has the name this one's will take: let it go first
     recover(final_dir)
     tmp = final_dir.with_name(f'.{final_dir.name}{SAVING}{os.getpid()}')
     old = final_dir.with_name(f'.{final_dir.name}{PREVIOUS}{os.getpid()}')

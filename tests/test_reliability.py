@@ -7,7 +7,8 @@ Fault injection: the reliability and security promises, tried on purpose.
 - one file written alone: never in place, so a failed write leaves the old file;
 - damaged inputs: truncated, flipped, empty, garbage, missing, another architecture, a tokenizer that doesn't fit;
 - hostile pickles at every loading entry point: refused, their code never runs;
-- a crash mid-save in train.py: the resume continues from a complete checkpoint.
+- a crash mid-save in train.py: the resume continues from a complete checkpoint;
+- a second run saving into the directory a run is writing: refused at start, the first run unharmed.
 Each fault is recorded with whether data was lost (checked, not assumed: the checkpoint that survived is neither
 the previous complete one nor the new one, or the input a tool refused was changed); conftest.py prints the table.
 """
@@ -220,6 +221,30 @@ def test_kill_during_save_leaves_old_or_new_state(tmp_path, record_fault):
     # both kinds of outcome, from the kill points that decide them
     assert outcomes['killed before a write step, previous intact'] == new_from - 1
     assert outcomes['killed before a write step, new intact'] == len(KILLED_SAVE_STEPS) - new_from + 1
+
+
+def test_a_second_writer_of_a_checkpoint_directory_is_refused_and_the_first_run_loses_nothing(tmp_path, record_fault):
+    # two runs with one out_dir (an easy slip with job scripts): the second used to clear the first one's save in
+    # progress as a leftover, killing it. Now the first run holds the directory's lock and the second refuses at start
+    env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1'}
+    first = subprocess.Popen([sys.executable, str(REPO / 'train.py'), TINY_CONFIG, '--out_dir', 'out', '--max_iters',
+                              '100000', '--eval_interval', '20'], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    next_line(first, 'saving checkpoint') # it has saved once; more saves follow while the others try
+    code, out = run_train(tmp_path, '--out_dir', 'out', '--max_iters', 10, ok=False)
+    assert code == 1 and 'Traceback' not in out and f'out is being written by another run (pid {first.pid}' in out, out
+    code, out = run_script('convert_checkpoints.py', 'out', '--to', 'bundle', 'out', '--force', cwd=tmp_path, ok=False)
+    assert code == 1 and 'Traceback' not in out and 'being written by another run' in out, out
+    next_line(first, 'saving checkpoint') # and it goes on saving; then Ctrl-C
+    first.send_signal(signal.SIGINT)
+    rest = first.communicate(timeout=120)[0]
+    ck = read_checkpoint(tmp_path / 'out')
+    for name in ck.manifest['files']: # every file of the last save as committed
+        verify_file(ck.path, name, ck.manifest)
+    lost = first.returncode != 130 or f'step {ck.step}' not in rest or ck.step < 40
+    record_fault('a second writer of the same directory', 'refused at start; the first run finished', lost=lost)
+    assert not lost, rest[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['out'], 'a lock file or a leftover stayed behind'
 
 
 def test_reader_uses_a_complete_interrupted_save(tmp_path):
