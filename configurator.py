@@ -77,7 +77,7 @@ def iter_tb(tb):
         tb = tb.tb_next
 
 
-def apply_file(config, keys, path):
+def apply_file(config, keys, path, given=None):
     if os.path.isdir(path):
         raise ConfigError(f"Config file {path!r} is a directory; expected a Python config file in it, "
                           f"e.g. {os.path.join(path, 'train_standard.py')!r}")
@@ -109,16 +109,31 @@ def apply_file(config, keys, path):
             continue  # untouched by the file
         check_known(k, keys, path)
         config[k] = check_type(k, v, config[k])
+    if given is not None: # what the file assigns, even a value equal to the current one (an int's identity says nothing)
+        given.update(k for k in assigned_names(src) if k in keys)
 
 
-def apply_config(config, argv):
+def assigned_names(src):
+    """ the names a config file assigns at its top level """
+    names = set()
+    for node in ast.parse(src).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, (ast.AugAssign, ast.AnnAssign)) else []
+        for target in targets:
+            names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+    return names
+
+
+def apply_config(config, argv, given=None):
+    """ apply config files and --key=value overrides to config; `given` (a set), if passed, collects the keys the
+    command line and files set, whatever their values """
     keys = config_keys(config)
     i = 0
     while i < len(argv):
         arg = argv[i]
         i += 1
         if not arg.startswith('--'):
-            apply_file(config, keys, arg)
+            apply_file(config, keys, arg, given)
             continue
         key, has_eq, raw = arg[2:].partition('=')
         if not key:
@@ -134,5 +149,7 @@ def apply_config(config, argv):
             else:
                 raise ConfigError(f"--{key} needs a value (--{key}=value or --{key} value)")
         config[key] = check_type(key, parse_value(raw, config[key]), config[key])
+        if given is not None:
+            given.add(key)
         say(f"Overriding: {key} = {config[key]}")
     return config

@@ -33,7 +33,13 @@ def convert(source, out_dir=None, force=False, meta=None):
     if ck.kind == 'bundle':
         print(f'{source}: already a bundle, nothing to do')
         return None
-    out_dir = out_dir or os.path.dirname(ck.path) or '.'
+    if out_dir is None and (os.path.isdir(ck.path) or os.path.dirname(os.path.abspath(ck.path)) == os.getcwd()):
+        # a legacy file's bundle goes into its own directory (checkpoints/NAME/); a directory, or a file lying in the
+        # current directory, would make that directory (or the parent) the bundle: the output must be named
+        raise CheckpointError(f'{source} is a {ck.title}: name where its bundle goes, --out DIR (or --to bundle DIR)'
+                              if os.path.isdir(ck.path) else f'{source} lies in the current directory, which is not '
+                              'made into a bundle: name where the bundle goes, --out DIR')
+    out_dir = out_dir or os.path.dirname(ck.path)
     existing = find_checkpoint(out_dir)
     if existing and existing[0] == 'bundle' and not force:
         raise CheckpointError(f'{out_dir} already holds a bundle; pass --force to replace it, or --out DIR')
@@ -71,10 +77,16 @@ def export(source, fmt, out, meta=None, force=False):
     """ any checkpoint -> any kind KINDS can write (a bundle, a Hugging Face GPT-2 directory, a nanoGPT ckpt.pt),
     checked by reading it back """
     ck = read_checkpoint(source, meta_path=meta)
+    if os.path.realpath(out) in (os.path.realpath(ck.path), os.path.realpath(source)):
+        raise CheckpointError(f'--to {fmt} {out} names the checkpoint being read: export into another directory (the '
+                              'source is never modified)')
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)) and not force:
         raise CheckpointError(f'{out} already exists; pass --force to replace it, or name another output')
     model, _ = ck.build_model()
-    KINDS[fmt].write(ck, model, out, force)
+    try:
+        KINDS[fmt].write(ck, model, out, force)
+    except CheckpointError as e:
+        raise CheckpointError(f'{ck.path} -> {out}: {e}') from None
     reread = read_checkpoint(out)
     diff = max_logit_difference(model.eval(), reread.build_model()[0].eval(), ck.config.vocab_size, ck.config.block_size)
     if diff > TOLERANCE:

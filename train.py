@@ -93,9 +93,10 @@ debug = False # show the traceback of errors that are otherwise reported in one 
 # -----------------------------------------------------------------------------
 config_keys = [k for k,v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 config = {k: globals()[k] for k in config_keys}
-defaults = dict(config) # to tell the settings a run gives from the ones it leaves alone
+defaults = dict(config)
+given = set() # the settings this run gives (command line, config files), told apart from the defaults it leaves
 try:
-    apply_config(config, sys.argv[1:]) # overrides from the command line or a config file
+    apply_config(config, sys.argv[1:], given) # overrides from the command line or a config file
 except ConfigError as e:
     sys.exit(f"error: {e}")
 globals().update(config)
@@ -274,12 +275,12 @@ else:
                                   f"{ckpt.config.vocab_size - 1} have no embedding. Pick the dataset it was trained on")
         for k in BASE_FIELDS:
             ours, theirs = model_args.get(k), getattr(ckpt.config, k)
-            if k in model_args and ours != theirs and not (k == 'n_hidden' and ours == 0) and k != 'block_size':
+            if k in given and ours != theirs and not (k == 'n_hidden' and ours == 0) and k != 'block_size':
                 log(f"note: {k} = {theirs} from the checkpoint is used (this config says {ours})")
             model_args[k] = theirs
         if adapter_from: # the adapter brings its settings (rank, alpha, targets); one this run sets otherwise wins
             for k, theirs in ckpt.training_state['adapter'].items():
-                if config[k] != defaults[k] and config[k] != theirs:
+                if k in given and config[k] != theirs:
                     log(f"note: {k} = {config[k]} from this config is used (the peft adapter has {theirs})")
                 else:
                     model_args[k] = config[k] = theirs
@@ -288,6 +289,11 @@ else:
     except (CheckpointError, CheckpointMismatchError) as e:
         fail(e)
     log(describe_load(ckpt, report))
+    trained = {k: v for k, v in (ckpt.training_state.get('adapter') or {}).items() if k in ADAPTER_FIELDS}
+    if GPTConfig(**{**model_args, **trained}).uses_lora and not model.config.uses_lora and not given & set(ADAPTER_FIELDS):
+        flags = ' '.join(f'--{k}={v}' for k, v in trained.items() if v != defaults[k])
+        log(f"note: {ckpt.path} was trained with LoRA; this run sets no adapters, so the merged weights go on as a "
+            f"standard model (all of them trainable). To continue the adapters instead: {flags}")
     if ckpt.tokenizer is None:
         log(f"note: {ckpt.path} stores no vocabulary: {data_dir}/meta.json's ({meta['vocab_size']} tokens) is used "
             f"with the model's {ckpt.config.vocab_size} embedding rows, and saved with the checkpoint")
@@ -371,9 +377,15 @@ raw_model = getattr(raw_model, '_orig_mod', raw_model) # and torch.compile's wra
 running_mfu = -1.0
 saved = False
 
+saving, ctrl_c = False, False # a Ctrl-C during a save waits for its commit (a second one does not wait)
+
 def interrupted(signum, frame):
-    # Ctrl-C: where the run stands, not a traceback from inside the optimizer. The step is read from the disk: a
-    # save cut before its commit point is rolled back, one cut after it is complete
+    # Ctrl-C: where the run stands, not a traceback from inside the optimizer. The step is read from the disk,
+    # after the save in progress, if any, has committed
+    global ctrl_c
+    if saving and not ctrl_c:
+        ctrl_c = True
+        return
     try:
         saved_step = read_checkpoint(out_dir).step if find_checkpoint(out_dir) else None
     except CheckpointError:
@@ -409,11 +421,16 @@ while True:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0 and not eval_only and not (in_place and local_iter_num == 0): # nor re-saves it untrained
                 try:
+                    saving = True
                     save_checkpoint(out_dir, raw_model, optimizer if save_optimizer else None, iter_num,
                                     best_val_loss, losses['val'], config, scaler, rng_before_batch)
                     saved = True
                 except (CheckpointError, CheckpointMismatchError) as e: # disk full; a diverged adapter (NaN)
                     fail(e)
+                finally:
+                    saving = False
+                if ctrl_c:
+                    interrupted(signal.SIGINT, None)
                 if wandb_log:
                     wandb_run.log({"iter": iter_num, "checkpoint/step": iter_num, "checkpoint/dir": out_dir})
     # termination: checked after the save, so the last checkpoint holds every step trained

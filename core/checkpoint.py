@@ -28,9 +28,9 @@ import torch
 from model import (ADAPTER_FIELDS, ADAPTER_RANKS, GPT, CheckpointMismatchError, GPTConfig, is_lora_factor, load_universal_state_dict,
                    merge_lora_factors, standard_key, standardize_state_dict)
 from core.commit import (MANIFEST_FILE, CheckpointError, DamagedError, atomic_write, check_sizes, commit_directory,
-                         interrupted_save, is_plain_name, verify_file, write_json)
+                         interrupted_save, is_plain_name, read_manifest, verify_file, write_json)
 from core.interop import HF_WEIGHTS, export_hf, export_nanogpt, is_hf_dir, model_card, read_hf, tokenizer_files, write_hf_dir
-from core.peft_adapter import BASE_DIR, find_base, is_peft_dir, read_adapter, write_peft_dir
+from core.peft_adapter import BASE_DIR, PEFT_WEIGHTS, find_base, is_peft_dir, read_adapter, write_peft_dir
 from core.tokenizer import char_spec, load_tokenizer, spec_from_hf_tokenizer, spec_vocab_size
 
 FORMAT_VERSION = 1
@@ -386,7 +386,8 @@ class Checkpoint:
 
 def read_hf_checkpoint(path, meta_path=None):
     fields, weights = read_hf(path)
-    path, notes, state = Path(path), [], export_state(path)
+    path, notes = Path(path), []
+    state = export_state(path, HF_WEIGHTS, notes)
     if (path / 'tokenizer.json').is_file(): # transformers' tokenizer, as our export writes it (or anyone's)
         tokenizer = spec_from_hf_tokenizer(read_json(path / 'tokenizer.json'))
     else:
@@ -404,8 +405,9 @@ def read_peft(path, meta_path=None, base=None):
     settings, factors, saved_embeddings = read_adapter(path)
     base_path = find_base(path, base)
     if not is_hf_dir(base_path):
-        raise CheckpointError(f'{base_path}, the base of the peft adapter {path}, is not a Hugging Face GPT-2 directory '
-                              '(config.json with a model_type, and model.safetensors)')
+        raise CheckpointError(f'{base_path}, the base model of the peft adapter {path}, '
+                              + ('is not a Hugging Face GPT-2 directory (config.json with a model_type, and '
+                                 'model.safetensors)' if os.path.exists(base_path) else 'does not exist'))
     base_ck = read_hf_checkpoint(base_path, meta_path)
     weights = dict(base_ck.weights())
     for name, value in saved_embeddings.items():
@@ -424,18 +426,36 @@ def read_peft(path, meta_path=None, base=None):
         except CheckpointMismatchError as e:
             raise CheckpointError(f'{path}: the adapter of {module} does not fit the base in {base_path}: {e}') from None
     weights['lm_head.weight'] = weights['transformer.wte.weight'] # tied to the (adapted) embedding
-    state = {**export_state(path), 'adapter': settings}
-    return Checkpoint(path, 'peft', base_ck.config, base_ck.tokenizer, state.get('step', 0), state.get('best_val_loss'),
-                      state, [f'base model: {base_path}'] + base_ck.notes, weights=weights, adapters=factors)
+    notes = [f'base model: {base_path}'] + base_ck.notes
+    own_base = os.path.realpath(base_path) == os.path.realpath(Path(path) / BASE_DIR)
+    # the step and val loss recorded with the adapter (our export's) describe it on its own base only
+    state = {**(export_state(path, PEFT_WEIGHTS, notes) if own_base else {}), 'adapter': settings}
+    tokenizer = base_ck.tokenizer
+    if tokenizer is None and (Path(path) / 'tokenizer.json').is_file(): # our export writes it beside the adapter too
+        tokenizer = spec_from_hf_tokenizer(read_json(Path(path) / 'tokenizer.json'))
+    return Checkpoint(path, 'peft', base_ck.config, tokenizer, state.get('step', 0), state.get('best_val_loss'),
+                      state, notes, weights=weights, adapters=factors)
 
 
-def export_state(path):
-    """ the training_state.json our Hugging Face and peft exports write beside transformers' files (which ignore it):
-    the step and val loss of the weights, and the run's config """
-    path = Path(path) / STATE_FILE
-    state = read_json(path) if path.is_file() else {}
+def export_state(path, weights_name, notes):
+    """
+    The training_state.json our Hugging Face and peft exports write beside transformers' files (which ignore it):
+    the step and val loss of the weights, and the run's config. Used only while the weights are the ones exported
+    (their checksum in our manifest): transformers or peft may save new weights into the same directory.
+    """
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        return {}
+    try:
+        verify_file(path, weights_name, read_manifest(path)) # no manifest, or the file not in it: nothing to check
+    except DamagedError:
+        notes.append(f'{path / weights_name} is not the file this toolkit exported (saved again by another tool, or '
+                     f'damaged): the step and val loss in {STATE_FILE} do not describe it and are not used')
+        return {}
+    state = read_json(path / STATE_FILE)
     if not isinstance(state, dict) or not (isinstance(state.get('step', 0), int) and state.get('step', 0) >= 0):
-        raise CheckpointError(f'{path}: expected a JSON object whose step is a whole number >= 0, found {str(state)[:80]}')
+        raise CheckpointError(f'{path / STATE_FILE}: expected a JSON object whose step is a whole number >= 0, found '
+                              f'{str(state)[:80]}')
     return {k: v for k, v in state.items() if (k == 'step' or k == 'config' and isinstance(v, dict) or
                                                k in ('best_val_loss', 'val_loss') and isinstance(v, (int, float)))}
 

@@ -55,6 +55,21 @@ def pretrained_gpt2_dir(name):
     return os.path.dirname(config)
 
 
+def read_safetensors(path):
+    """ a safetensors file (tensors only: nothing to unpickle), or a CheckpointError naming it """
+    try:
+        return load_file(path)
+    except Exception as e: # safetensors' own error for a truncated or damaged header
+        raise CheckpointError(f'{path} could not be read as a safetensors file (truncated or damaged?): {e}') from None
+
+
+def save_safetensors(tensors, path):
+    save_file(tensors, path, metadata={'format': 'pt'})
+    umask = os.umask(0) # safetensors creates its file readable by its owner only; others' files follow the umask
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def is_hf_dir(path):
     path = Path(path)
     if not (path / 'config.json').is_file():
@@ -71,16 +86,16 @@ def is_hf_dir(path):
 def hf_incompatibility(config):
     """ why a GPTConfig cannot be a transformers GPT-2, or None """
     if not config.bias:
-        return "it has no biases (bias=False), and GPT-2's linear layers and LayerNorms always have them"
-    if config.n_hidden != 4 * config.n_embd:
-        return f"its MLP width is {config.n_hidden}, and GPT-2's is 4 x n_embd = {4 * config.n_embd}"
+        return ("it has no biases (bias=False), and GPT-2's linear layers and LayerNorms always have them: train with "
+                "--bias=True for a model that can go to Hugging Face (--to nanogpt and --to bundle take it as it is)")
     return None
 
 
 def hf_config(config, eot=None, tied=True):
     return {'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2', 'vocab_size': config.vocab_size,
             'n_positions': config.block_size, 'n_ctx': config.block_size, 'n_embd': config.n_embd,
-            'n_layer': config.n_layer, 'n_head': config.n_head, 'n_inner': None,
+            'n_layer': config.n_layer, 'n_head': config.n_head,
+            'n_inner': None if config.n_hidden == 4 * config.n_embd else config.n_hidden,
             'activation_function': 'gelu_new' if config.activation == 'gelu_tanh' else 'gelu',
             'resid_pdrop': config.dropout, 'embd_pdrop': config.dropout, 'attn_pdrop': config.dropout,
             'layer_norm_epsilon': 1e-5, 'initializer_range': 0.02, 'tie_word_embeddings': tied,
@@ -150,7 +165,7 @@ def write_hf_dir(out_dir, config, state_dict, tokenizer, about, tied=True):
     card = model_card(config, about, sum(v.numel() for v in weights.values()), usage)
 
     def write(directory):
-        save_file(weights, os.path.join(directory, HF_WEIGHTS), metadata={'format': 'pt'})
+        save_safetensors(weights, os.path.join(directory, HF_WEIGHTS))
         for name, content in files.items():
             write_json(os.path.join(directory, name), content)
         Path(directory, 'README.md').write_text(card, encoding='utf-8')
@@ -172,7 +187,7 @@ def read_hf(path):
             raise CheckpointError(f'{path}/config.json: {field} = {cfg[field]!r}, but this GPT computes only {field} = '
                                   f'{value!r} (as GPT-2 and nanoGPT do): loaded, it would compute another function')
     if (path / HF_WEIGHTS).is_file():
-        sd = load_file(path / HF_WEIGHTS) # safetensors holds tensors only: nothing to unpickle
+        sd = read_safetensors(path / HF_WEIGHTS)
     elif (path / 'pytorch_model.bin').is_file():
         sd = load_tensors(path / 'pytorch_model.bin')
     else:

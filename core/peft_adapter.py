@@ -12,12 +12,12 @@ Nothing here imports peft or transformers: the files are JSON and safetensors. O
 """
 
 import json
+import os
 import re
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
 from core.commit import CheckpointError, commit_directory, write_json
+from core.interop import GPT2_NAMES, pretrained_gpt2_dir, read_safetensors, save_safetensors
 
 PEFT_CONFIG, PEFT_WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'
 BASE_DIR = 'base' # convert --to peft writes the base model as a Hugging Face GPT-2 directory here
@@ -37,8 +37,19 @@ UNSUPPORTED = {
     'layer_replication': 'layers repeated from the base',
     'target_parameters': 'LoRA on parameters rather than modules',
     'trainable_token_indices': 'trained rows of the embedding',
-    'use_qalora': 'quantization-aware LoRA',
+    'alora_invocation_tokens': 'activated LoRA applies the update only after its invocation tokens',
+    'use_qalora': 'quantization-aware LoRA', 'use_bdlora': 'block-diagonal factors', 'arrow_config': 'adapter routing',
+    'kasa_config': 'another adapter method', 'velora_config': 'another adapter method',
+    'monteclora_config': 'another adapter method', 'megatron_config': 'Megatron-parallel layers',
 }
+# settings that do not change what the saved factors compute (the tensors say which modules and ranks there are)
+HARMLESS = ('peft_type', 'task_type', 'r', 'rank_pattern', 'lora_alpha', 'lora_dropout', 'target_modules',
+            'exclude_modules', 'layers_to_transform', 'layers_pattern', 'fan_in_fan_out', 'inference_mode',
+            'base_model_name_or_path', 'revision', 'peft_version', 'auto_mapping', 'megatron_core', 'qalora_group_size',
+            'runtime_config', 'ensure_weight_tying', 'loftq_config', 'eva_config', 'corda_config', 'lora_ga_config')
+# init_lora_weights: these start from the base unchanged; PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA move part of the base
+# into the factors (and peft redoes that on load), so the saved factors alone do not say what the model computes
+PLAIN_INITS = (True, False, 'gaussian', 'eva', 'orthogonal')
 OFF = (None, False, 'none', [], {})
 
 
@@ -69,7 +80,7 @@ def write_peft_dir(out_dir, model, write_base, files, base_name=BASE_DIR):
         'lora_dropout': config.lora_dropout, 'target_modules': targets, 'rank_pattern': patterns, 'alpha_pattern': {},
         'fan_in_fan_out': True, # GPT-2's Conv1D layers; peft turns it off for lm_head, an nn.Linear
         'bias': 'none', 'use_dora': False, 'use_rslora': False, 'modules_to_save': None, 'init_lora_weights': True,
-        'inference_mode': True, 'base_model_name_or_path': str(base_name),
+        'inference_mode': True, 'base_model_name_or_path': os.path.abspath(base_name), # for AutoPeftModel
     }
     tensors = {}
     for key, value in factors.items():
@@ -89,7 +100,7 @@ def write_peft_dir(out_dir, model, write_base, files, base_name=BASE_DIR):
 
     def write(directory):
         write_base(Path(directory) / BASE_DIR, base)
-        save_file(tensors, str(Path(directory) / PEFT_WEIGHTS), metadata={'format': 'pt'})
+        save_safetensors(tensors, str(Path(directory) / PEFT_WEIGHTS))
         write_json(Path(directory) / PEFT_CONFIG, adapter_config)
         for name, content in files.items():
             if isinstance(content, str):
@@ -108,6 +119,10 @@ def read_adapter(path):
     peft LoRA adapter for GPT-2, checked: a setting or module this GPT cannot compute exactly is refused by name.
     """
     path = Path(path)
+    if not (path / PEFT_CONFIG).is_file():
+        raise CheckpointError(f'{path} is not a peft adapter directory: expected {PEFT_CONFIG} and {PEFT_WEIGHTS} in it, '
+                              f'found {", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"}'
+                              if path.is_dir() else f'{path} does not exist: expected a peft adapter directory')
     try:
         cfg = json.loads((path / PEFT_CONFIG).read_text(encoding='utf-8'))
     except (OSError, ValueError) as e:
@@ -116,11 +131,18 @@ def read_adapter(path):
     if not isinstance(cfg, dict) or cfg.get('peft_type') != 'LORA':
         found = cfg.get('peft_type') if isinstance(cfg, dict) else type(cfg).__name__
         raise CheckpointError(f'{where}: peft_type is {found!r}; only LoRA adapters (peft_type "LORA") can be read')
-    for field, what in UNSUPPORTED.items():
-        if cfg.get(field) not in OFF:
-            raise CheckpointError(f'{where}: {field} = {cfg[field]!r}: {what}. This GPT\'s LoRA computes W + B A * '
-                                  'lora_alpha / r and nothing else, so the adapter cannot be loaded exactly; '
-                                  f'train it with {field} off')
+    for field, value in cfg.items():
+        if field in HARMLESS or value in OFF and field != 'init_lora_weights':
+            continue
+        if field == 'init_lora_weights':
+            if value in PLAIN_INITS:
+                continue
+            what = f'{value!r} initialisation changes the base weights (peft redoes it when loading)'
+        else:
+            what = UNSUPPORTED.get(field, 'a peft setting this toolkit does not know, so it cannot tell what it changes')
+        raise CheckpointError(f'{where}: {field} = {value!r}: {what}. This GPT\'s LoRA computes W + B A * lora_alpha '
+                              '/ r on an unchanged base and nothing else, so the adapter cannot be loaded exactly; '
+                              f'train it without {field}')
     alpha, dropout = cfg.get('lora_alpha'), cfg.get('lora_dropout', 0.0)
     if not (isinstance(alpha, (int, float)) and alpha > 0) or not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
         raise CheckpointError(f'{where}: lora_alpha = {alpha!r} and lora_dropout = {dropout!r}; expected a number '
@@ -128,7 +150,7 @@ def read_adapter(path):
     if not (path / PEFT_WEIGHTS).is_file():
         raise CheckpointError(f'{path} has an {PEFT_CONFIG} but no {PEFT_WEIGHTS} (adapter_model.bin is pickle; '
                               'save the adapter with safe_serialization=True, peft\'s default)')
-    tensors = load_file(path / PEFT_WEIGHTS) # safetensors: tensors only, nothing to unpickle
+    tensors = read_safetensors(path / PEFT_WEIGHTS)
     factors, embedding_bases, head = {}, {}, {}
     for key, value in tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else None
@@ -186,7 +208,6 @@ def find_base(path, base=None):
         named = json.loads((Path(path) / PEFT_CONFIG).read_text(encoding='utf-8')).get('base_model_name_or_path')
     except (OSError, ValueError, AttributeError):
         named = None
-    from core.interop import GPT2_NAMES, pretrained_gpt2_dir
     if named in GPT2_NAMES:
         return pretrained_gpt2_dir(named) # OpenAI's weights, through the Hugging Face cache
     raise CheckpointError(f'{path} is a peft adapter whose base model ({named!r}) is not here: pass the base Hugging '

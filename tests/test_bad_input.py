@@ -100,6 +100,13 @@ def hf_dir(d, name='hf'):
     return name
 
 
+def cut_weights(d, directory, name):
+    """ directory/name cut to half its bytes; returns the directory """
+    data = (d / directory / name).read_bytes()
+    (d / directory / name).write_bytes(data[:len(data) // 2])
+    return directory
+
+
 def edited(d, name, file_name, **fields):
     """ a bundle whose JSON file_name was edited by hand: fields replaced """
     path = d / bundle(d, name) / file_name
@@ -207,6 +214,9 @@ CASES = {
         ('unknown flag', lambda d: ['--bogus', '--out_dir', 'out'], 'unrecognized arguments: --bogus'),
     ],
     'train.py': [
+        ('--adapter_from a bundle', lambda d: ['--adapter_from', bundle(d)], 'b is not a peft adapter directory'),
+        ('--adapter_from with --resume_from', lambda d: ['--adapter_from', folder(d), '--resume_from', bundle(d)],
+         'pass one of them'),
         ('--max_iters=-5', lambda d: ['--max_iters=-5'], 'max_iters = -5 cannot be used: it must be at least 0'),
         ('--batch_size=0', lambda d: ['--batch_size=0'], 'batch_size = 0 cannot be used: it must be at least 1'),
         ('--dtype=float8', lambda d: ['--dtype=float8'], "dtype = 'float8' cannot be used"),
@@ -305,6 +315,12 @@ CASES = {
          'adir names a directory: a nanoGPT checkpoint is one file; name it, e.g. adir/ckpt.pt'),
         ('--out names a file', lambda d: [legacy(d), '--out', file(d, 'notes.txt')],
          'notes.txt is a file: a checkpoint is written as a directory there'),
+        ('a file in the current directory, no --out', lambda d: [legacy(d)], 'lies in the current directory'),
+        ('a Hugging Face directory, no --out', lambda d: [hf_dir(d)], 'name where its bundle goes, --out DIR'),
+        ('an export onto its own source', lambda d: [bundle(d), '--to', 'bundle', 'b', '--force'],
+         '--to bundle b names the checkpoint being read'),
+        ('a truncated model.safetensors', lambda d: [cut_weights(d, hf_dir(d), 'model.safetensors'), '--to', 'bundle',
+                                                     'x'], 'model.safetensors could not be read as a safetensors file'),
     ],
 }
 
