@@ -37,8 +37,10 @@ TESTS = {
                        'tests/test_reliability.py::test_reader_uses_a_complete_interrupted_save',
                        'tests/test_checkpoint.py::test_bundle_layout_and_contents',
                        'tests/test_checkpoint.py::test_config_json_grows_and_shrinks_safely',
-                       'tests/test_reliability.py::test_resume_after_crash_mid_save'],
-    'core/checkpoint.py': ['tests/test_checkpoint.py',
+                       'tests/test_reliability.py::test_resume_after_crash_mid_save',
+                       'tests/test_reliability.py::test_a_second_writer_of_a_checkpoint_directory_is_refused_and_the_first_run_loses_nothing'],
+    'core/peft_adapter.py': ['tests/test_peft.py'],
+    'core/checkpoint.py': ['tests/test_checkpoint.py', 'tests/test_peft.py',
                            'test_checkpoint_compatibility.py::test_optimizer_by_name'],
     'core/training.py': ['tests/test_checkpoint.py::test_lr_schedule_is_nanogpts',
                          'tests/test_checkpoint.py::test_train_step_accumulates_clips_and_prefetches',
@@ -50,6 +52,19 @@ TESTS = {
 # (file, a text on exactly one line ('function::text' to look in one function only), what replaces that text,
 #  what the mutant breaks[, why it is equivalent: it cannot change behaviour])
 MUTANTS = [
+    # core/peft_adapter.py: peft's layout, both ways
+    ('core/peft_adapter.py', "tensors[f'{PREFIX}lm_head.lora_B.weight'] = A",
+     "tensors[f'{PREFIX}lm_head.lora_B.weight'] = A.clone().zero_()", "the tied head's share of the update dropped"),
+    ('core/peft_adapter.py', "tensors[f'{PREFIX}transformer.wte.lora_embedding_A'] = A.t()",
+     "tensors[f'{PREFIX}transformer.wte.lora_embedding_A'] = A", "the embedding's A exported untransposed"),
+    ('core/peft_adapter.py', "if field in HARMLESS or value in OFF and field != 'init_lora_weights':",
+     "if True:", "every peft setting accepted"),
+    ('core/peft_adapter.py', "settings[field] = ranks.pop() if ranks else 0", "settings[field] = 0",
+     "the adapter's ranks not read"),
+    ('core/checkpoint.py', "own_base = os.path.realpath(base_path) == os.path.realpath(Path(path) / BASE_DIR)",
+     "own_base = True", "an adapter's step and val loss taken onto another base"),
+    ('core/commit.py', "taken = lock_writer(final_dir) # before recover()", "taken = False # before recover()",
+     "a commit without the directory's writer lock"),
     # model.py: the key rules
     ('model.py', "return key.replace('.main_weight.', '.')", "return key", "adapter main weights keep their name"),
     ('model.py', "while k.startswith(WRAPPER_PREFIXES):", "if k.startswith(WRAPPER_PREFIXES):",

@@ -233,7 +233,8 @@ def test_a_second_writer_of_a_checkpoint_directory_is_refused_and_the_first_run_
     next_line(first, 'saving checkpoint') # it has saved once; more saves follow while the others try
     code, out = run_train(tmp_path, '--out_dir', 'out', '--max_iters', 10, ok=False)
     assert code == 1 and 'Traceback' not in out and f'out is being written by another run (pid {first.pid}' in out, out
-    code, out = run_script('convert_checkpoints.py', 'out', '--to', 'bundle', 'out', '--force', cwd=tmp_path, ok=False)
+    save_state(tmp_path / 'other', 1) # and a tool that writes there: another checkpoint exported into it
+    code, out = run_script('convert_checkpoints.py', 'other', '--to', 'bundle', 'out', '--force', cwd=tmp_path, ok=False)
     assert code == 1 and 'Traceback' not in out and 'being written by another run' in out, out
     next_line(first, 'saving checkpoint') # and it goes on saving; then Ctrl-C
     first.send_signal(signal.SIGINT)
@@ -244,7 +245,7 @@ def test_a_second_writer_of_a_checkpoint_directory_is_refused_and_the_first_run_
     lost = first.returncode != 130 or f'step {ck.step}' not in rest or ck.step < 40
     record_fault('a second writer of the same directory', 'refused at start; the first run finished', lost=lost)
     assert not lost, rest[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['out'], 'a lock file or a leftover stayed behind'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['other', 'out'], 'a lock file or a leftover stayed behind'
 
 
 def test_reader_uses_a_complete_interrupted_save(tmp_path):
