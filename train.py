@@ -23,7 +23,7 @@ from torch.distributed import init_process_group, destroy_process_group
 
 from model import GPTConfig, GPT, ADAPTER_FIELDS, BASE_FIELDS, CheckpointMismatchError
 from configurator import apply_config, ConfigError
-from core.checkpoint import (CheckpointError, read_checkpoint, read_peft, find_checkpoint, describe_load,
+from core.checkpoint import (CheckpointError, read_checkpoint, read_peft, find_checkpoint, describe_load, wait_for_saves,
                              apply_optimizer_state, set_rng_state, rng_state)
 from core.cli import SetupError, check_device, start_wandb, tell_torchrun
 from core.commit import is_plain_name, lock_writer
@@ -43,6 +43,7 @@ eval_iters = 20
 eval_only = False # if True, script exits right after the first eval
 always_save_checkpoint = True # if True, always save a checkpoint after each eval
 save_optimizer = True # False: a deploy-only bundle (no optimizer.pt)
+async_save = False # True: training waits only while a save copies the state to CPU memory; the write runs beside it
 init_from = 'scratch' # 'scratch', 'resume' (from out_dir), or a path (a bundle, ckpt.pt, Hugging Face GPT-2 dir)
 resume_from = '' # a bundle directory or legacy checkpoint file to resume from (implies resuming)
 adapter_from = '' # a peft LoRA adapter directory to continue, with its settings; its base model: init_from, or DIR/base
@@ -387,6 +388,10 @@ def interrupted(signum, frame):
         ctrl_c = True
         return
     try:
+        wait_for_saves() # a save writing in the background commits first
+    except (CheckpointError, CheckpointMismatchError):
+        pass # the step on disk says what is there
+    try:
         saved_step = read_checkpoint(out_dir).step if find_checkpoint(out_dir) else None
     except CheckpointError:
         saved_step = None
@@ -423,7 +428,7 @@ while True:
                 try:
                     saving = True
                     save_checkpoint(out_dir, raw_model, optimizer if save_optimizer else None, iter_num,
-                                    best_val_loss, losses['val'], config, scaler, rng_before_batch)
+                                    best_val_loss, losses['val'], config, scaler, rng_before_batch, async_save)
                     saved = True
                 except (CheckpointError, CheckpointMismatchError) as e: # disk full; a diverged adapter (NaN)
                     fail(e)
@@ -453,6 +458,10 @@ while True:
     iter_num += 1
     local_iter_num += 1
 
+try:
+    wait_for_saves() # the last checkpoint (async_save) is committed before the run ends
+except (CheckpointError, CheckpointMismatchError) as e:
+    fail(e)
 # a run that writes no checkpoint says why, so an unchanged out_dir is no surprise
 if eval_only:
     log("note: eval_only = True: nothing was saved (an evaluation never rewrites a checkpoint)")

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import pickle
+import threading
 import warnings
 from pathlib import Path
 
@@ -249,10 +250,13 @@ def apply_optimizer_state(model, optimizer, named, fresh_modules=()):
 # writing a bundle
 
 def save_bundle(checkpoint_dir, model, step, optimizer=None, tokenizer=None, best_val_loss=None, val_loss=None,
-                run_config=None, extra_state=None):
+                run_config=None, extra_state=None, background=False):
     """
     Write a whole bundle. `optimizer` is an optimizer, a positional state_dict made by configure_optimizers, a
     named state, or None (deploy-only save). `extra_state` goes into training_state.json (e.g. rng, scaler).
+    background=True: the caller waits only while the state is copied to CPU memory; the write, fsyncs, checksums
+    and commit run in a thread, after the previous background save has finished (wait_for_saves() waits for
+    them and raises their error, as the next background save does). The bytes on disk are the same.
     """
     merged = model.get_merged_state_dict()  # raises on NaN/inf before anything is written
     tokenizer = tokenizer or getattr(model, 'tokenizer_spec', None)
@@ -285,13 +289,67 @@ def save_bundle(checkpoint_dir, model, step, optimizer=None, tokenizer=None, bes
             save(OPTIMIZER_FILE, named)
         write_json(os.path.join(directory, STATE_FILE), state)
 
-    try:
-        # the whole bundle or nothing; the bundle files of the previous save are replaced, not carried over
-        commit_directory(checkpoint_dir, write_files, replaces=BUNDLE_FILES)
-    except OSError as e:
-        raise CheckpointError(f'saving the checkpoint to {checkpoint_dir} failed: {e}. {checkpoint_dir} holds the '
-                              f'last complete checkpoint (the previous one, unless the failure came after the swap).') from None
+    def commit():
+        try:
+            # the whole bundle or nothing; the bundle files of the previous save are replaced, not carried over
+            commit_directory(checkpoint_dir, write_files, replaces=BUNDLE_FILES)
+        except OSError as e:
+            raise CheckpointError(f'saving the checkpoint to {checkpoint_dir} failed: {e}. {checkpoint_dir} holds the '
+                                  f'last complete checkpoint (the previous one, unless the failure came after the swap).') from None
+
+    if not background:
+        commit()
+        return checkpoint_dir
+    # staged: the training loop changes its parameters and moments in place, the thread writes this copy
+    merged, factors, named, state = staged(merged), staged(factors), staged(named), staged(state)
+    wait_for_saves()
+    def run():
+        try:
+            commit()
+        except BaseException as e: # said by the next save, or at the end of training
+            SAVE_ERRORS.append(e)
+    thread = threading.Thread(target=run, name=f'save {checkpoint_dir}') # not a daemon: exit waits for it
+    thread.start()
+    SAVES.append(thread)
     return checkpoint_dir
+
+
+SAVES, SAVE_ERRORS = [], [] # the background saves in flight, and the errors of those that failed
+
+
+def staged(obj, copies=None):
+    """
+    A copy in CPU memory of the tensors in a (nested) dict, list or tuple, as torch.save would write them: tensors
+    that share memory (the tied head) share their copy, and what holds no tensor is the same object, so the file's
+    bytes are the synchronous save's.
+    """
+    copies = {} if copies is None else copies # id(tensor) -> its copy; storage address -> the storage's copy
+    if torch.is_tensor(obj):
+        storage = obj.untyped_storage()
+        if ('tensor', id(obj)) not in copies:
+            if ('storage', storage.data_ptr()) not in copies:
+                copies['storage', storage.data_ptr()] = storage.cpu() if storage.device.type != 'cpu' else storage.clone()
+            view = torch.empty(0, dtype=obj.dtype)
+            copies['tensor', id(obj)] = view.set_(copies['storage', storage.data_ptr()], obj.storage_offset(), obj.shape,
+                                                  obj.stride())
+        return copies['tensor', id(obj)]
+    if isinstance(obj, dict):
+        new = {k: staged(v, copies) for k, v in obj.items()}
+        return obj if all(new[k] is obj[k] for k in obj) else new
+    if isinstance(obj, (list, tuple)):
+        new = type(obj)(staged(v, copies) for v in obj)
+        return obj if all(n is o for n, o in zip(new, obj)) else new
+    return obj
+
+
+def wait_for_saves():
+    """ until every background save has committed; the first error of one that failed is raised here """
+    while SAVES:
+        SAVES.pop(0).join()
+    if SAVE_ERRORS:
+        error = SAVE_ERRORS.pop(0)
+        SAVE_ERRORS.clear()
+        raise error
 
 
 # -----------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def estimate_loss(model, get_batch, eval_iters, ctx=nullcontext(), seed=1337):
 
 
 def save_checkpoint(out_dir, model, optimizer, iter_num, best_val_loss, val_loss, run_config=None,
-                    scaler=None, rng=None):
+                    scaler=None, rng=None, background=False):
     """
     The save block: a bundle of universal merged weights, the optimizer by name, and what an exact resume
     needs (`rng`: the random state from just before the pending batch was drawn, so a resume draws it again).
@@ -91,4 +91,4 @@ def save_checkpoint(out_dir, model, optimizer, iter_num, best_val_loss, val_loss
         extra['scaler'] = scaler.state_dict()
     print(f"saving checkpoint to {out_dir}")
     return save_bundle(out_dir, model, iter_num, optimizer, best_val_loss=best_val_loss, val_loss=val_loss,
-                       run_config=run_config, extra_state=extra)
+                       run_config=run_config, extra_state=extra, background=background)

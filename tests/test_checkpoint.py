@@ -417,3 +417,34 @@ def test_save_checkpoint_stores_the_pending_batch_random_state(tmp_path):
     save_checkpoint(tmp_path / 'b', model, None, 7, 1.5, 1.25, scaler=torch.amp.GradScaler('cpu', enabled=False))
     state = json.loads((tmp_path / 'b' / 'training_state.json').read_text())
     assert state['rng'] == now and 'scaler' not in state and state['optimizer_file'] is None
+
+
+def test_a_background_save_writes_the_state_of_its_call_byte_for_byte(tmp_path):
+    # async_save: the call returns once the state is copied; training then changes parameters and moments in place
+    from core.checkpoint import wait_for_saves
+    model, optimizer, ids = trained_model(attn_lora_rank=2, embedding_mode='lora', embedding_rank=2)
+    save_bundle(tmp_path / 'sync', model, 3, optimizer, val_loss=1.5)
+    save_bundle(tmp_path / 'async', model, 3, optimizer, val_loss=1.5, background=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0) # what the next steps do, while the save is being written
+        for s in optimizer.state.values():
+            s['exp_avg'].add_(1.0)
+    wait_for_saves()
+    for name in ('model.pt', 'optimizer.pt', 'adapter.pt', 'config.json', 'training_state.json', 'manifest.json'):
+        assert sha(tmp_path / 'sync' / name) == sha(tmp_path / 'async' / name), name
+    # a failed background save is said at the next wait, with the usual message; the save before it is intact
+    (tmp_path / 'a-file').write_text('not a directory')
+    save_bundle(tmp_path / 'a-file', model, 4, optimizer, background=True)
+    with pytest.raises(CheckpointError, match='a-file is a file'):
+        wait_for_saves()
+    wait_for_saves() # said once
+
+
+def test_train_py_async_save_writes_the_same_checkpoint(tmp_path):
+    run_train(tmp_path, '--out_dir', 'sync', '--max_iters', 12, '--eval_interval', 4)
+    out = run_train(tmp_path, '--out_dir', 'async', '--max_iters', 12, '--eval_interval', 4, '--async_save=True')
+    assert out.count('saving checkpoint to async') == 3
+    for name in ('model.pt', 'optimizer.pt'):
+        assert sha(tmp_path / 'sync' / name) == sha(tmp_path / 'async' / name), name
+    assert read_checkpoint(tmp_path / 'async').step == 12
