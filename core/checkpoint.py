@@ -30,7 +30,8 @@ from model import (ADAPTER_FIELDS, ADAPTER_RANKS, GPT, CheckpointMismatchError, 
                    merge_lora_factors, standard_key, standardize_state_dict)
 from core.commit import (MANIFEST_FILE, CheckpointError, DamagedError, atomic_write, check_sizes, commit_directory,
                          interrupted_save, is_plain_name, read_manifest, verify_file, write_json)
-from core.interop import HF_WEIGHTS, export_hf, export_nanogpt, is_hf_dir, model_card, read_hf, tokenizer_files, write_hf_dir
+from core.interop import (EXPORT_STATE, HF_WEIGHTS, export_hf, export_nanogpt, export_state_file, is_hf_dir, model_card,
+                          read_hf, tokenizer_files, write_hf_dir)
 from core.peft_adapter import BASE_DIR, PEFT_WEIGHTS, find_base, is_peft_dir, read_adapter, write_peft_dir
 from core.tokenizer import char_spec, load_tokenizer, spec_from_hf_tokenizer, spec_vocab_size
 
@@ -446,9 +447,8 @@ def read_hf_checkpoint(path, meta_path=None):
     fields, weights = read_hf(path)
     path, notes = Path(path), []
     state = export_state(path, HF_WEIGHTS, notes)
-    if (path / 'tokenizer.json').is_file(): # transformers' tokenizer, as our export writes it (or anyone's)
-        tokenizer = spec_from_hf_tokenizer(read_json(path / 'tokenizer.json'))
-    else:
+    tokenizer = hf_dir_tokenizer(path)
+    if tokenizer is None:
         tokenizer = {'token_kind': 'gpt2'} if fields['vocab_size'] in (50257, 50304) else None
     if meta_path: # a vocabulary named on the command line (--meta) wins
         tokenizer = read_meta_file(meta_path)
@@ -488,11 +488,15 @@ def read_peft(path, meta_path=None, base=None):
     own_base = os.path.realpath(base_path) == os.path.realpath(Path(path) / BASE_DIR)
     # the step and val loss recorded with the adapter (our export's) describe it on its own base only
     state = {**(export_state(path, PEFT_WEIGHTS, notes) if own_base else {}), 'adapter': settings}
-    tokenizer = base_ck.tokenizer
-    if tokenizer is None and (Path(path) / 'tokenizer.json').is_file(): # our export writes it beside the adapter too
-        tokenizer = spec_from_hf_tokenizer(read_json(Path(path) / 'tokenizer.json'))
+    tokenizer = base_ck.tokenizer or hf_dir_tokenizer(path) # our export writes one beside the adapter too
     return Checkpoint(path, 'peft', base_ck.config, tokenizer, state.get('step', 0), state.get('best_val_loss'),
                       state, notes, weights=weights, adapters=factors)
+
+
+def hf_dir_tokenizer(path):
+    """ our spec of the transformers tokenizer.json in a directory (as our exports write it, or anyone's), or None """
+    path = Path(path) / 'tokenizer.json'
+    return spec_from_hf_tokenizer(read_json(path)) if path.is_file() else None
 
 
 def export_state(path, weights_name, notes):
@@ -514,8 +518,8 @@ def export_state(path, weights_name, notes):
     if not isinstance(state, dict) or not (isinstance(state.get('step', 0), int) and state.get('step', 0) >= 0):
         raise CheckpointError(f'{path / STATE_FILE}: expected a JSON object whose step is a whole number >= 0, found '
                               f'{str(state)[:80]}')
-    return {k: v for k, v in state.items() if (k == 'step' or k == 'config' and isinstance(v, dict) or
-                                               k in ('best_val_loss', 'val_loss') and isinstance(v, (int, float)))}
+    return {k: v for k, v in state.items() if k in EXPORT_STATE and (k == 'step' or k == 'config' and isinstance(v, dict)
+                                                                   or k != 'config' and isinstance(v, (int, float)))}
 
 
 def read_classifier(path, meta_path=None):
@@ -703,11 +707,11 @@ def write_peft(ck, model, out, force=False):
     about = export_about(ck)
     base = os.path.join(out, BASE_DIR)
     files, _ = tokenizer_files(ck.tokenizer, ck.config.block_size) if ck.tokenizer else ({}, None)
-    files[STATE_FILE] = {k: about[k] for k in ('step', 'best_val_loss', 'val_loss', 'config') if about.get(k) is not None}
+    files[STATE_FILE] = export_state_file(about)
     usage = ['from peft import PeftModel', 'from transformers import GPT2LMHeadModel',
              f"model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained('{base}'), '{out}')",
              'merged = model.merge_and_unload()  # a plain GPT2LMHeadModel']
-    params = sum(v.numel() for k, v in lora.state_dict().items() if '.lora_' not in k and k != 'lm_head.weight')
+    params = sum(v.numel() for k, v in lora.state_dict().items() if not is_lora_factor(k) and k != 'lm_head.weight')
     files['README.md'] = model_card(lora.config, {**about, 'adapters': describe_adapters(settings)}, params, usage)
     # with an embedding adapter, the base's head is a separate copy of the table: see write_hf_dir
     write_base = lambda directory, weights: write_hf_dir(directory, lora.config, weights, ck.tokenizer,

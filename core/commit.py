@@ -20,7 +20,6 @@ detected and named. How:
 import atexit
 import errno
 import fcntl
-
 import json
 import mmap
 import os
@@ -266,7 +265,10 @@ def lock_writer(final_dir):
 
 
 def unlock_writer(final_dir):
-    path = str(lock_path(final_dir))
+    release_lock(str(lock_path(final_dir)))
+
+
+def release_lock(path):
     fd, pid = HELD.pop(path, (None, None))
     if fd is None or pid != os.getpid(): # a forked child never releases its parent's lock
         return
@@ -280,7 +282,7 @@ def unlock_writer(final_dir):
 @atexit.register
 def release_writer_locks():
     for path in list(HELD):
-        unlock_writer(Path(path).with_name(Path(path).name[1:-len('.lock')]))
+        release_lock(path)
 
 
 def commit_directory(final_dir, write_files, replaces=()):

@@ -132,6 +132,13 @@ def model_card(config, about, params, usage):
 
 HF_FILES = (HF_WEIGHTS, 'config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json',
             'README.md', 'training_state.json')
+EXPORT_STATE = ('step', 'best_val_loss', 'val_loss', 'config') # what our training_state.json in an export holds
+
+
+def export_state_file(about):
+    """ training_state.json of an export: what inspect_model.py reports and a resume continues from (transformers
+    and peft ignore the file) """
+    return {k: about[k] for k in EXPORT_STATE if about.get(k) is not None}
 
 
 def export_hf(model, out_dir, tokenizer=None, about=None):
@@ -157,9 +164,7 @@ def write_hf_dir(out_dir, config, state_dict, tokenizer, about, tied=True):
     files['generation_config.json'] = {'bos_token_id': eot, 'eos_token_id': eot, 'do_sample': True,
                                        'temperature': 0.8, 'top_k': 200}
     files['config.json'] = hf_config(config, eot, tied)
-    # what inspect_model.py reports and a resume continues from (transformers ignores the file)
-    files['training_state.json'] = {k: about[k] for k in ('step', 'best_val_loss', 'val_loss', 'config')
-                                    if about.get(k) is not None}
+    files['training_state.json'] = export_state_file(about)
     usage = ['from transformers import pipeline', f"generate = pipeline('text-generation', model='{out_dir}')",
              f"print(generate({'Hello' if eot is not None else 'The'!r}, max_new_tokens=40)[0]['generated_text'])"]
     card = model_card(config, about, sum(v.numel() for v in weights.values()), usage)

@@ -16,6 +16,7 @@ import os
 import re
 from pathlib import Path
 
+from model import is_lora_factor, standard_key
 from core.commit import CheckpointError, commit_directory, write_json
 from core.interop import GPT2_NAMES, pretrained_gpt2_dir, read_safetensors, save_safetensors
 
@@ -67,7 +68,7 @@ def write_peft_dir(out_dir, model, write_base, files, base_name=BASE_DIR):
     `files` (name -> a dict, written as JSON, or text) beside them.
     """
     config, sd = model.config, model.state_dict()
-    factors = {k: v for k, v in sd.items() if '.lora_' in k}
+    factors = {k: v for k, v in sd.items() if is_lora_factor(k)}
     if not factors:
         raise CheckpointError('the checkpoint has no LoRA adapters to export in peft\'s format (it was trained '
                               'without them, or saved without adapter.pt): export it --to hf instead')
@@ -82,12 +83,8 @@ def write_peft_dir(out_dir, model, write_base, files, base_name=BASE_DIR):
         'bias': 'none', 'use_dora': False, 'use_rslora': False, 'modules_to_save': None, 'init_lora_weights': True,
         'inference_mode': True, 'base_model_name_or_path': os.path.abspath(base_name), # for AutoPeftModel
     }
-    tensors = {}
-    for key, value in factors.items():
-        module, factor = key.rsplit('.lora_', 1) # factor: 'A.weight' or 'B.weight'
-        if module == 'transformer.wte':
-            continue
-        tensors[f'{PREFIX}{module}.lora_{factor}'] = value
+    # the linear layers' factors keep their names (under peft's wrapper); the embedding's are laid out below
+    tensors = {PREFIX + k: v for k, v in factors.items() if not k.startswith('transformer.wte.')}
     if ranks['embedding_rank']:
         A, B = sd['transformer.wte.lora_A.weight'], sd['transformer.wte.lora_B.weight'] # A [V, r], B [D, r]
         tensors[f'{PREFIX}transformer.wte.lora_embedding_A'] = A.t()
@@ -95,7 +92,7 @@ def write_peft_dir(out_dir, model, write_base, files, base_name=BASE_DIR):
         tensors[f'{PREFIX}lm_head.lora_A.weight'] = B.t() # the tied head's share of the update
         tensors[f'{PREFIX}lm_head.lora_B.weight'] = A
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()} # lm_head's share aliases wte's
-    base = {k.replace('.main_weight.', '.'): v for k, v in sd.items() if '.lora_' not in k}
+    base = {standard_key(k): v for k, v in sd.items() if not is_lora_factor(k)}
     base['lm_head.weight'] = base['transformer.wte.weight'] # tied to the base table, as in the model
 
     def write(directory):

@@ -11,6 +11,7 @@ load_tokenizer(spec) gives an object with encode(text), decode(ids), vocab_size,
 hf_tokenizer(spec) gives the same tokenizer as a `tokenizers.Tokenizer` (for a Hugging Face export), and
 spec_from_hf_tokenizer(tokenizer_json) reads one back.
 """
+import functools
 import json
 
 import tiktoken
@@ -198,7 +199,10 @@ def gpt2_byte_alphabet():
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(moved)}}
 
 
-def _gpt2_hf_tokenizer(enc):
+@functools.lru_cache(maxsize=1)
+def _gpt2_bpe_tables(enc):
+    """(vocab, merges) of GPT-2's BPE in the byte-level alphabet, from tiktoken's ranks: about a second, so built
+    once per process (an export to peft writes the tokenizer twice, beside the adapter and with its base)"""
     ranks = enc._mergeable_ranks  # bytes -> rank: tiktoken keeps no merge list, only the ranks
     alphabet = gpt2_byte_alphabet()
     text = lambda token: "".join(alphabet[b] for b in token)
@@ -210,9 +214,13 @@ def _gpt2_hf_tokenizer(enc):
         if len(token) > 1:
             left, right = _last_merge(token, ranks, rank)
             merges.append((text(left), text(right)))
+    return vocab, tuple(merges)
+
+
+def _gpt2_hf_tokenizer(enc):
+    vocab, merges = _gpt2_bpe_tables(enc)
     eot = "<|endoftext|>"
-    vocab[eot] = enc.eot_token
-    tok = Tokenizer(models.BPE(vocab, merges))
+    tok = Tokenizer(models.BPE({**vocab, eot: enc.eot_token}, list(merges)))
     # GPT-2's regex split, no space put in front of the text (tiktoken adds none)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
