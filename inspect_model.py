@@ -39,6 +39,10 @@ def describe_optimizer(ck):
     if ck.kind == 'bundle':
         name = ck.training_state.get('optimizer_file')
         return f'{name} (keyed by parameter name)' if name else 'none (deploy-only save)'
+    if ck.kind == 'sharded':
+        shards = ck.training_state['shards']
+        return (f"in the shards, keyed by parameter name (saved by {shards.get('processes')} processes)"
+                if 'optimizer' in ck.shard_parts() else 'none (deploy-only save)')
     if ck.kind in ('hf', 'peft'):
         return f"none (a {'Hugging Face directory' if ck.kind == 'hf' else 'peft adapter'} holds weights only)"
     state = ck.optimizer_state()
@@ -67,8 +71,9 @@ def gpt_state(ck):
              if ck.training_state.get(key) is not None]
     lines += [f"Trained with adapters: {describe_adapters(ck.training_state.get('adapter') or {})}",
               f'Optimizer state: {describe_optimizer(ck)}']
-    if ck.training_state.get('adapter_file'):
-        lines.append(f"Adapter factors: {ck.training_state['adapter_file']} (restored when resuming with the same adapters)")
+    factors = ck.training_state.get('adapter_file') or ('in the shards' if 'adapter' in ck.shard_parts() else None)
+    if factors:
+        lines.append(f"Adapter factors: {factors} (restored when resuming with the same adapters)")
     return lines
 
 

@@ -4,8 +4,10 @@ $ python train.py                                        # a baby GPT on the emb
 $ python train.py config/train_standard.py               # then config/train_with_lora.py continues it with LoRA
 $ python train.py --model_name dante --max_iters 1100    # checkpoints/dante: resumed if it exists (legacy too)
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_standard.py
+$ torchrun --standalone --nproc_per_node=4 train.py config/train_standard.py --fsdp=True   # sharded (FSDP2)
 
-Every save is a bundle of universal merged weights (core/checkpoint.py). Every resume takes the base
+Every save is a bundle of universal merged weights (core/checkpoint.py); under FSDP its sharded twin, written by
+every process (core/sharded.py). Every resume takes the base
 architecture from the checkpoint and the adapter settings from this run's config, maps the weights onto
 them, and carries the optimizer state over by parameter name.
 """
@@ -28,6 +30,7 @@ from core.checkpoint import (CheckpointError, read_checkpoint, read_peft, find_c
 from core.cli import SetupError, check_device, start_wandb, tell_torchrun
 from core.commit import is_plain_name, lock_writer
 from core.interop import GPT2_NAMES, pretrained_gpt2_dir
+from core.sharded import shard_model
 from core.tokenizer import TokenizerError
 from core.training import get_lr, set_lr, train_step, estimate_loss, save_checkpoint
 from data.prepare import DatasetError, load_meta, prepare
@@ -85,6 +88,7 @@ lr_decay_iters = 2000 # should be ~= max_iters per Chinchilla
 min_lr = 1e-4 # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
 # DDP settings
 backend = 'nccl' if torch.cuda.is_available() else 'gloo'
+fsdp = False # under torchrun: shard parameters, gradients and optimizer state across the processes (FSDP2), not copy them (DDP)
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu' # or 'cpu', 'cuda:0', 'mps'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16' if torch.cuda.is_available() else 'float32'
@@ -148,6 +152,15 @@ if resume_from and init_from not in ('scratch', 'resume') and os.path.abspath(re
 if adapter_from and (resume_from or init_from == 'resume'):
     fail(f'adapter_from = {adapter_from!r} starts a run from a peft adapter, and resume_from / init_from = \'resume\' '
          'continues one of ours: pass one of them (the base model of the adapter goes in init_from)')
+if fsdp and os.environ.get('RANK') is None:
+    fail('fsdp = True shards the model across the processes that torchrun starts, and this run is one process: '
+         'run it as torchrun --standalone --nproc_per_node=N train.py ... (N = 1 works too), or leave out --fsdp')
+if fsdp and async_save:
+    log("note: async_save = True is not used with fsdp = True: an FSDP save is written by every process in parallel, "
+        "and the training loop waits for it")
+if fsdp and dtype == 'float16':
+    fail("dtype = 'float16' cannot be used with fsdp = True (its gradient scaler does not work on sharded gradients): "
+         "use --dtype=bfloat16, or float32")
 # an adapter setting that the other settings switch off is said, never silently dropped
 if embedding_mode == 'lora' and embedding_rank == 0:
     log("note: embedding_mode = 'lora' with embedding_rank = 0: the embedding stays standard (pass --embedding_rank=N)")
@@ -200,7 +213,8 @@ torch.backends.cudnn.allow_tf32 = True # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'cpu' # for later use in torch.autocast
 # note: float16 data type will automatically use a GradScaler
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+# (under FSDP, its MixedPrecisionPolicy casts the parameters instead: core/sharded.py)
+ctx = nullcontext() if device_type == 'cpu' or fsdp else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
 
 # data: prepared on first use (the default corpus needs no download)
 data_dir = os.path.join('data', dataset) # nanoGPT's place, relative to where you run; else the repo's own
@@ -234,6 +248,8 @@ iter_num = 0
 best_val_loss = 1e9
 
 # model init: base architecture from the config, or from the checkpoint on resume; adapters from the config
+if fsdp: # every process builds the same model (new weights, new adapters) and keeps its shard of it; DDP instead
+    torch.manual_seed(seed) # broadcasts the first process's model
 model_args = {k: config[k] for k in BASE_FIELDS + ADAPTER_FIELDS + ('dropout',) if k in config}
 resume_path = resume_from or (out_dir if init_from == 'resume' or (model_name and find_checkpoint(out_dir)) else '')
 if adapter_from:
@@ -290,7 +306,7 @@ else:
     except (CheckpointError, CheckpointMismatchError) as e:
         fail(e)
     log(describe_load(ckpt, report))
-    trained = {k: v for k, v in (ckpt.training_state.get('adapter') or {}).items() if k in ADAPTER_FIELDS}
+    trained = ckpt.trained_adapters()
     if GPTConfig(**{**model_args, **trained}).uses_lora and not model.config.uses_lora and not given & set(ADAPTER_FIELDS):
         flags = ' '.join(f'--{k}={v}' for k, v in trained.items() if v != defaults[k])
         log(f"note: {ckpt.path} was trained with LoRA; this run sets no adapters, so the merged weights go on as a "
@@ -328,6 +344,9 @@ for split in ('train', 'val'): # every batch draws block_size + 1 tokens from th
 log("number of parameters: %.2fM (%.2fM trainable)" % (model.get_num_params(non_embedding=False)/1e6,
       sum(p.numel() for p in model.parameters() if p.requires_grad)/1e6))
 model.to(device)
+if fsdp:
+    shard_model(model, device_type, ptdtype)
+    torch.manual_seed(seed + seed_offset) # each process's own stream of batches from here
 
 # initialize a GradScaler. If enabled=False scaler is a no-op
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
@@ -353,7 +372,7 @@ if compile:
     model = torch.compile(model) # requires PyTorch 2.0
 
 # wrap model into DDP container
-if ddp:
+if ddp and not fsdp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
 
 # logging
@@ -373,7 +392,7 @@ def next_train_batch():
 X, Y = next_train_batch() # fetch the very first batch
 t0 = time.time()
 local_iter_num = 0 # number of iterations in the lifetime of this process
-raw_model = model.module if ddp else model # unwrap DDP container if needed
+raw_model = model.module if ddp and not fsdp else model # unwrap DDP container if needed
 raw_model = getattr(raw_model, '_orig_mod', raw_model) # and torch.compile's wrapper
 running_mfu = -1.0
 saved = False
@@ -407,9 +426,14 @@ while True:
     set_lr(optimizer, lr)
 
     # evaluate the loss on train/val sets and write checkpoints (also right after a resume)
-    if (iter_num % eval_interval == 0 or iter_num >= max_iters or (ckpt is not None and local_iter_num == 0)) and master_process:
+    # (under FSDP every process takes part: each holds a shard of the model)
+    if (iter_num % eval_interval == 0 or iter_num >= max_iters or (ckpt is not None and local_iter_num == 0)) and (master_process or fsdp):
         losses = estimate_loss(model, get_batch, eval_iters, ctx)
-        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        if fsdp: # the same batches everywhere; the first process's numbers decide, so every process saves or none
+            losses = [losses]
+            torch.distributed.broadcast_object_list(losses, src=0)
+            losses = losses[0]
+        log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         stored = ckpt.training_state.get('val_loss') if ckpt is not None and local_iter_num == 0 else None
         if stored is not None:
             # the stored loss came from the saving run's evaluation batches: it can only match the same batches
@@ -417,9 +441,9 @@ while True:
             differ = [f"{k} {theirs[k]} then, {config[k]} now" for k in ('dataset', 'batch_size', 'block_size', 'eval_iters')
                       if k in theirs and theirs[k] != config[k]]
             why = f"; not comparable, other evaluation batches: {', '.join(differ)}" if differ else ''
-            print(f"resume check: val loss {losses['val']:.6f} now, {stored:.6f} stored in the checkpoint "
+            log(f"resume check: val loss {losses['val']:.6f} now, {stored:.6f} stored in the checkpoint "
                   f"(|diff| {abs(losses['val'] - stored):.1e}{why})")
-        if wandb_log:
+        if wandb_log and master_process:
             wandb_run.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr,
                            **({"mfu": running_mfu*100} if running_mfu >= 0 else {})}) # -1: not measured yet
         if losses['val'] < best_val_loss or always_save_checkpoint:
@@ -428,7 +452,8 @@ while True:
                 try:
                     saving = True
                     save_checkpoint(out_dir, raw_model, optimizer if save_optimizer else None, iter_num,
-                                    best_val_loss, losses['val'], config, scaler, rng_before_batch, async_save)
+                                    best_val_loss, losses['val'], config, scaler, rng_before_batch, async_save,
+                                    sharded=fsdp, log=log)
                     saved = True
                 except (CheckpointError, CheckpointMismatchError) as e: # disk full; a diverged adapter (NaN)
                     fail(e)
@@ -436,7 +461,7 @@ while True:
                     saving = False
                 if ctrl_c:
                     interrupted(signal.SIGINT, None)
-                if wandb_log:
+                if wandb_log and master_process:
                     wandb_run.log({"iter": iter_num, "checkpoint/step": iter_num, "checkpoint/dir": out_dir})
     # termination: checked after the save, so the last checkpoint holds every step trained
     if eval_only or iter_num >= max_iters:
@@ -444,7 +469,7 @@ while True:
 
     # forward backward update, with optional gradient accumulation to simulate larger batch size
     lossf, (X, Y) = train_step(model, optimizer, (X, Y), next_train_batch, gradient_accumulation_steps,
-                               scaler, ctx, grad_clip, ddp)
+                               scaler, ctx, grad_clip, ddp and not fsdp)
 
     # timing and logging
     t1 = time.time()

@@ -125,7 +125,7 @@ MUTANTS = [
      "siblings(final_dir, PREVIOUS)", "the complete new save ignored after a crash"),
     ('core/commit.py', "if missing(final_dir):", "if not final_dir.exists():",
      "an empty directory (train.py makes out_dir) blocks recovery"),
-    ('core/commit.py', "if p.name not in written and p.name not in replaces and p.name != MANIFEST_FILE)",
+    ('core/commit.py', "if p.name not in written and not replaced(p.name) and p.name != MANIFEST_FILE)",
      "if p.name not in written and p.name != MANIFEST_FILE)", "old bundle files carried into a deploy-only save"),
     ('core/commit.py', "carry_over(final_dir, tmp, kept)", "pass", "a user's files beside the bundle lost"),
     ('core/commit.py', "files.update({name: old_entries[name] for name in kept if name in old_entries})", "pass",

@@ -10,6 +10,9 @@ The checkpoint bundle: one directory per checkpoint (seed 003's layout).
   adapter.pt           only after LoRA training: the factors, so a resume with the same adapter config
                        continues the same trajectory instead of starting its adapters afresh
 
+An FSDP run saves the same directory with model.pt, optimizer.pt and adapter.pt written as shards by every
+process (core/sharded.py): one more kind in KINDS, read like a bundle.
+
 read_checkpoint(path) takes a bundle, a directory holding a legacy file, or a legacy file (nanoGPT's
 ckpt.pt, older latest.pt / final.pt), recognised by content, not name. Nothing here unpickles objects: every
 torch.load passes weights_only=True, and nanoGPT's meta.pkl is read by an unpickler that refuses all classes.
@@ -33,6 +36,8 @@ from core.commit import (MANIFEST_FILE, CheckpointError, DamagedError, atomic_wr
 from core.interop import (EXPORT_STATE, HF_WEIGHTS, export_hf, export_nanogpt, export_state_file, is_hf_dir, model_card,
                           read_hf, tokenizer_files, write_hf_dir)
 from core.peft_adapter import BASE_DIR, PEFT_WEIGHTS, find_base, is_peft_dir, read_adapter, write_peft_dir
+from core.sharded import (HEAD, is_shard_file, is_sharded, is_sharded_dir, load_optimizer_state, on_all_processes,
+                          open_shards, read_optimizer, read_part, sharded_tensors, write_shards)
 from core.tokenizer import char_spec, load_tokenizer, spec_from_hf_tokenizer, spec_vocab_size
 
 FORMAT_VERSION = 1
@@ -233,17 +238,21 @@ def apply_optimizer_state(model, optimizer, named, fresh_modules=()):
     Carry state over by name for every parameter that exists in both runs with the same shape; the rest start
     fresh, and so do the factors of adapters the load initialised afresh (`fresh_modules`: their old moments
     belong to factors that are gone). Hyperparameters (lr, weight decay, betas) are the current run's.
-    Returns (kept, fresh) counts.
+    Returns (kept, fresh) counts. A sharded model (FSDP) gets the same choice, sharded like its parameters.
     """
-    name_of = {id(p): standard_key(n) for n, p in model.named_parameters()}
+    name_of = {id(p): (n, standard_key(n)) for n, p in model.named_parameters()}
     reset = tuple(f'{m}.lora_' for m in fresh_modules)
     params = [p for g in optimizer.param_groups for p in g['params']]
     state = {}
     for i, p in enumerate(params):
-        s = None if reset and name_of[id(p)].startswith(reset) else (named or {}).get('state', {}).get(name_of[id(p)])
+        name = name_of[id(p)][1]
+        s = None if reset and name.startswith(reset) else (named or {}).get('state', {}).get(name)
         if s and all(v.shape == p.shape for v in s.values() if torch.is_tensor(v) and v.dim() > 0):
             state[i] = s
-    optimizer.load_state_dict({'state': state, 'param_groups': optimizer.state_dict()['param_groups']})
+    if is_sharded(model):
+        load_optimizer_state(model, optimizer, {name_of[id(params[i])][0]: s for i, s in state.items()})
+    else:
+        optimizer.load_state_dict({'state': state, 'param_groups': optimizer.state_dict()['param_groups']})
     return len(state), len(params) - len(state)
 
 
@@ -266,37 +275,23 @@ def save_bundle(checkpoint_dir, model, step, optimizer=None, tokenizer=None, bes
         named = optimizer
     else:
         named = named_optimizer_state(model, optimizer) if optimizer is not None else None
-    state = {
-        'format_version': FORMAT_VERSION,
-        'step': int(step),
-        'best_val_loss': None if best_val_loss is None else float(best_val_loss),
-        'val_loss': None if val_loss is None else float(val_loss),  # the evaluation of exactly these weights
-        'optimizer_file': OPTIMIZER_FILE if named is not None else None,
-        'adapter_file': ADAPTER_FILE if factors else None,
-        'adapter': adapter_config(model.config),  # what the run trained with
-        'config': run_config or {},
-        **(extra_state or {}),
-    }
+    state = training_state(model, step, best_val_loss, val_loss, run_config, extra_state,
+                           optimizer_file=OPTIMIZER_FILE if named is not None else None,
+                           adapter_file=ADAPTER_FILE if factors else None)
 
     def write_files(directory):
         save = lambda name, obj: save_tensors(os.path.join(directory, name), obj)
         save(MODEL_FILE, merged)
-        write_json(os.path.join(directory, CONFIG_FILE), config_to_json(model.config))
-        if tokenizer is not None:
-            write_json(os.path.join(directory, TOKENIZER_FILE), tokenizer)
         if factors:
             save(ADAPTER_FILE, factors)
         if named is not None:
             save(OPTIMIZER_FILE, named)
-        write_json(os.path.join(directory, STATE_FILE), state)
+        write_json_files(directory, model, tokenizer, state)
 
     def commit():
-        try:
+        with save_errors(checkpoint_dir):
             # the whole bundle or nothing; the bundle files of the previous save are replaced, not carried over
-            commit_directory(checkpoint_dir, write_files, replaces=BUNDLE_FILES)
-        except OSError as e:
-            raise CheckpointError(f'saving the checkpoint to {checkpoint_dir} failed: {e}. {checkpoint_dir} holds the '
-                                  f'last complete checkpoint (the previous one, unless the failure came after the swap).') from None
+            commit_directory(checkpoint_dir, write_files, replaces=is_checkpoint_file)
 
     if not background:
         commit()
@@ -316,6 +311,74 @@ def save_bundle(checkpoint_dir, model, step, optimizer=None, tokenizer=None, bes
 
 
 SAVES, SAVE_ERRORS = [], [] # the background saves in flight, and the errors of those that failed
+
+
+def training_state(model, step, best_val_loss, val_loss, run_config, extra_state, **files):
+    """ training_state.json: where the run stands, and which files hold what """
+    return {
+        'format_version': FORMAT_VERSION,
+        'step': int(step),
+        'best_val_loss': None if best_val_loss is None else float(best_val_loss),
+        'val_loss': None if val_loss is None else float(val_loss),  # the evaluation of exactly these weights
+        **files,
+        'adapter': adapter_config(model.config),  # what the run trained with
+        'config': run_config or {},
+        **(extra_state or {}),
+    }
+
+
+def write_json_files(directory, model, tokenizer, state):
+    write_json(os.path.join(directory, CONFIG_FILE), config_to_json(model.config))
+    if tokenizer is not None:
+        write_json(os.path.join(directory, TOKENIZER_FILE), tokenizer)
+    write_json(os.path.join(directory, STATE_FILE), state)
+
+
+def is_checkpoint_file(name):
+    """ a file that a save replaces: a bundle's or a sharded checkpoint's (a bundle saved over shards, or shards
+    saved by 4 processes over those of 8, leave none of the old ones behind) """
+    return name in BUNDLE_FILES or is_shard_file(name)
+
+
+class save_errors:
+    """ an OSError of a save (disk full, permissions) as one paragraph that says what is still on disk """
+
+    def __init__(self, checkpoint_dir):
+        self.checkpoint_dir = checkpoint_dir
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if isinstance(error, OSError):
+            raise CheckpointError(f'saving the checkpoint to {self.checkpoint_dir} failed: {error}. {self.checkpoint_dir} '
+                                  'holds the last complete checkpoint (the previous one, unless the failure came after '
+                                  'the swap).') from None
+
+
+def save_sharded(checkpoint_dir, model, step, optimizer=None, tokenizer=None, best_val_loss=None, val_loss=None,
+                 run_config=None, extra_state=None):
+    """
+    save_bundle for an FSDP model, called by every process: each writes its shards in parallel into process 0's new
+    directory, which process 0 then commits as a whole (manifest last, then the swap), as it does a bundle.
+    """
+    tensors, groups = sharded_tensors(model, optimizer)
+    tokenizer = tokenizer or getattr(model, 'tokenizer_spec', None)
+    shards = {'processes': torch.distributed.get_world_size(), 'optimizer_groups': groups,
+              'parts': sorted({k.split('/', 1)[0] for k in tensors})}
+    state = training_state(model, step, best_val_loss, val_loss, run_config, extra_state, optimizer_file=None,
+                           adapter_file=None, shards=shards)
+
+    def first(share):
+        def write_files(directory):
+            write_shards(share(directory), tensors)
+            write_json_files(directory, model, tokenizer, state)
+        with save_errors(checkpoint_dir):
+            commit_directory(checkpoint_dir, write_files, replaces=is_checkpoint_file)
+
+    with save_errors(checkpoint_dir):
+        on_all_processes(first, lambda directory: write_shards(directory, tensors))
+    return checkpoint_dir
 
 
 def staged(obj, copies=None):
@@ -366,7 +429,7 @@ class Checkpoint:
         self.notes, self.lora_alpha, self.manifest = list(notes), lora_alpha, manifest
         self.details = details # a checkpoint that is not a GPT: its own config.json, for reports
         self._weights, self._optimizer, self._adapters = weights, optimizer, adapters
-        self._checked = False
+        self._checked, self._shards = False, None
 
     @property
     def title(self):
@@ -381,6 +444,15 @@ class Checkpoint:
     def file(self, name):
         return os.path.join(self.path, name)
 
+    def shards(self):
+        """ a sharded checkpoint's checked index (its files verified once) """
+        if self._shards is None:
+            self._shards = open_shards(self.path, self.manifest)
+        return self._shards
+
+    def shard_parts(self):
+        return (self.training_state.get('shards') or {}).get('parts') or []
+
     def load_file(self, name):
         if not is_plain_name(name): # training_state.json names its files: they must stay inside the checkpoint
             raise DamagedError(f'{self.file(STATE_FILE)} names {name!r} as one of its files, which is not a plain file '
@@ -390,6 +462,10 @@ class Checkpoint:
     def weights(self):
         """ the weights, checked against the config (a file's claims are checked before anything is built) """
         self.require_gpt()
+        if self._weights is None and self.kind == 'sharded':
+            self._weights = read_part(self.path, self.shards(), 'model')
+            if 'transformer.wte.weight' in self._weights:
+                self._weights[HEAD] = self._weights['transformer.wte.weight'] # tied, stored once
         if self._weights is None:
             self._weights = self.load_file(MODEL_FILE)
         if not self._checked:
@@ -413,13 +489,22 @@ class Checkpoint:
         if self.kind == 'bundle':
             name = self.training_state.get('optimizer_file')
             return self.load_file(name) if name else None
+        if self.kind == 'sharded':
+            groups = self.training_state['shards'].get('optimizer_groups')
+            return read_optimizer(self.path, self.shards(), groups) if 'optimizer' in self.shard_parts() else None
         return self._optimizer
 
     def adapter_state(self):
         if self._adapters is not None: # read with the weights (a peft adapter)
             return self._adapters
+        if self.kind == 'sharded':
+            return read_part(self.path, self.shards(), 'adapter') if 'adapter' in self.shard_parts() else None
         name = self.training_state.get('adapter_file')
         return self.load_file(name) if self.kind == 'bundle' and name else None
+
+    def trained_adapters(self):
+        """ the adapter settings the checkpoint was trained with (training_state.json's), for a model that restores them """
+        return {k: v for k, v in (self.training_state.get('adapter') or {}).items() if k in ADAPTER_FIELDS}
 
     def model_config(self, **adapter_settings):
         """ this checkpoint's base architecture with the given adapter settings (and dropout) laid over it """
@@ -551,7 +636,22 @@ def legacy_file(path):
     return next((path / name for name in LEGACY_NAMES if (path / name).is_file()), None) if path.is_dir() else None
 
 
-def read_bundle(path, meta_path=None):
+def sharded_dir(path):
+    # its directory, or the complete one a crash between the two renames of a commit left beside it
+    found = path if is_sharded_dir(path) else None if path.is_file() else bundle_dir(path)
+    return found if found is not None and is_sharded_dir(found) else None
+
+
+def read_sharded(path, meta_path=None):
+    ck = read_bundle(path, meta_path, kind='sharded')
+    shards = ck.training_state.get('shards')
+    if not (isinstance(shards, dict) and isinstance(shards.get('parts'), list) and 'model' in shards['parts']):
+        raise CheckpointError(f'{path / STATE_FILE} does not describe the shards in {path} (no "shards" entry naming '
+                              'a "model" part): expected the training_state.json that train.py --fsdp=True writes')
+    return ck
+
+
+def read_bundle(path, meta_path=None, kind='bundle'):
     # every listed file there, at its size, else DamagedError naming the file; the JSON files may have been
     # edited by hand (seed 003 invites it for batch_size, device, dropout): they are validated as they are read
     manifest = check_sizes(path, editable=JSON_FILES)
@@ -567,9 +667,9 @@ def read_bundle(path, meta_path=None):
     config = config_from_dict(read(CONFIG_FILE), path / CONFIG_FILE, notes)
     state = read(STATE_FILE) if (path / STATE_FILE).exists() else {}
     tokenizer = read(TOKENIZER_FILE) if (path / TOKENIZER_FILE).exists() else None
-    if not (path / MODEL_FILE).exists():
+    if kind == 'bundle' and not (path / MODEL_FILE).exists():
         raise CheckpointError(f'{path / MODEL_FILE} is missing: a checkpoint bundle needs its weights')
-    return Checkpoint(path, 'bundle', config, tokenizer, state.get('step', 0), state.get('best_val_loss'), state,
+    return Checkpoint(path, kind, config, tokenizer, state.get('step', 0), state.get('best_val_loss'), state,
                       notes, manifest=manifest)
 
 
@@ -689,8 +789,13 @@ class Kind:
 
 
 def write_bundle(ck, model, out, force=False):
+    """ the bundle means what the checkpoint means: with the factors of its adapters where it has them (a sharded or
+    peft checkpoint), and the random state of its next batch, so a resume continues exactly """
+    if ck.adapter_state() is not None and GPTConfig(**ck.trained_adapters()).uses_lora:
+        model, _ = ck.build_model(**ck.trained_adapters())
     save_bundle(out, model, ck.step, ck.optimizer_state(), tokenizer=ck.tokenizer, best_val_loss=ck.best_val_loss,
-                val_loss=ck.training_state.get('val_loss'), run_config=ck.training_state.get('config'))
+                val_loss=ck.training_state.get('val_loss'), run_config=ck.training_state.get('config'),
+                extra_state={k: ck.training_state[k] for k in ('rng', 'scaler') if k in ck.training_state})
 
 
 def write_hf(ck, model, out, force=False):
@@ -699,7 +804,7 @@ def write_hf(ck, model, out, force=False):
 
 def write_peft(ck, model, out, force=False):
     """ the LoRA factors in peft's format, the base (merged weights less the update) as a Hugging Face directory """
-    settings = {k: v for k, v in (ck.training_state.get('adapter') or {}).items() if k in ADAPTER_FIELDS}
+    settings = ck.trained_adapters()
     lora, report = ck.build_model(**settings)
     if report['fresh_lora']:
         raise CheckpointError(f'{ck.path} was trained with LoRA, but its factors were not saved with it (no '
@@ -754,6 +859,7 @@ KINDS = {
                        None, gpt=False),
     'peft': Kind('peft LoRA adapter with its base (Hugging Face GPT-2)', lambda p: p if p.is_dir() and is_peft_dir(p) else None,
                  read_peft, write_peft),
+    'sharded': Kind('Sharded checkpoint (FSDP, torch.distributed.checkpoint)', sharded_dir, read_sharded, None),
     'bundle': Kind('New JSON-based format', bundle_dir, read_bundle, write_bundle),
     'legacy': Kind('Legacy single file', legacy_file, read_legacy, None),
     'nanogpt': Kind('Legacy single file (nanoGPT ckpt.pt)', None, None, write_nanogpt),
@@ -793,7 +899,7 @@ def read_checkpoint(path, legacy_file=None, meta_path=None):
         raise CheckpointError(f'{path} is one file of the checkpoint directory {found_path.parent} '
                               f'({KINDS[home[0]].title}): pass the directory, {found_path.parent}')
     ck = KINDS[kind].read(found_path, meta_path)
-    if kind == 'bundle' and Path(found_path) != Path(path):
+    if kind in ('bundle', 'sharded') and Path(found_path) != Path(path):
         ck.notes.append(f'the last save to {path} was interrupted; read the complete checkpoint it left in {found_path}')
     return ck
 

@@ -288,7 +288,7 @@ def release_writer_locks():
 def commit_directory(final_dir, write_files, replaces=()):
     """
     Write final_dir as a whole: write_files(directory) writes the new files; entries of the old final_dir that
-    are neither written nor named in `replaces` are carried over. The manifest is written last, then the new
+    are neither written nor named in `replaces` (names, or a test of a name) are carried over. The manifest is written last, then the new
     directory is swapped in. If anything fails, the old final_dir is as it was and the error says what failed.
     """
     final_dir = Path(final_dir)
@@ -316,8 +316,9 @@ def commit_locked(final_dir, write_files, replaces):
                                                              'xxh3_64': file_checksum(tmp / name)}
                  for name in sorted(written) if (tmp / name).is_file()}
         if final_dir.exists():
+            replaced = replaces if callable(replaces) else replaces.__contains__
             kept = sorted(p.name for p in final_dir.iterdir()
-                          if p.name not in written and p.name not in replaces and p.name != MANIFEST_FILE)
+                          if p.name not in written and not replaced(p.name) and p.name != MANIFEST_FILE)
             carry_over(final_dir, tmp, kept)
             old_entries = (read_manifest(final_dir) or {}).get('files', {})
             files.update({name: old_entries[name] for name in kept if name in old_entries})

@@ -8,7 +8,7 @@ from contextlib import nullcontext
 
 import torch
 
-from core.checkpoint import rng_state, save_bundle
+from core.checkpoint import rng_state, save_bundle, save_sharded
 
 
 def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=True):
@@ -43,6 +43,8 @@ def train_step(model, optimizer, batch, next_batch, grad_accum_steps=1, scaler=N
         if ddp:
             # only sync gradients at the last micro step (the official way is model.no_sync(), same effect)
             model.require_backward_grad_sync = (micro_step == grad_accum_steps - 1)
+        elif hasattr(model, 'set_requires_gradient_sync'): # FSDP: reduce-scatter the gradients once, at the last
+            model.set_requires_gradient_sync(micro_step == grad_accum_steps - 1)
         with ctx:
             logits, loss = model(X, Y)
             loss = loss / grad_accum_steps # scale the loss to account for gradient accumulation
@@ -81,14 +83,18 @@ def estimate_loss(model, get_batch, eval_iters, ctx=nullcontext(), seed=1337):
 
 
 def save_checkpoint(out_dir, model, optimizer, iter_num, best_val_loss, val_loss, run_config=None,
-                    scaler=None, rng=None, background=False):
+                    scaler=None, rng=None, background=False, sharded=False, log=print):
     """
     The save block: a bundle of universal merged weights, the optimizer by name, and what an exact resume
     needs (`rng`: the random state from just before the pending batch was drawn, so a resume draws it again).
+    sharded=True: an FSDP model, saved by every process as shards of the same checkpoint.
     """
     extra = {'rng': rng or rng_state()}
     if scaler is not None and scaler.is_enabled():
         extra['scaler'] = scaler.state_dict()
-    print(f"saving checkpoint to {out_dir}")
+    log(f"saving checkpoint to {out_dir}")
+    if sharded:
+        return save_sharded(out_dir, model, iter_num, optimizer, best_val_loss=best_val_loss, val_loss=val_loss,
+                            run_config=run_config, extra_state=extra)
     return save_bundle(out_dir, model, iter_num, optimizer, best_val_loss=best_val_loss, val_loss=val_loss,
                        run_config=run_config, extra_state=extra, background=background)
