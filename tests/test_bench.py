@@ -23,3 +23,14 @@ def test_benchmark_tiny_runs_and_reports_ratios(tmp_path):
         assert row['value'] > 0 and row['limit'] > 0 and math.isfinite(row['ratio']), row
         assert expected in out # and it was printed
     assert results['model_bytes'] > 0 and results['optimizer_bytes'] > results['model_bytes'] # Adam: 2 moments
+
+
+def test_fsdp_benchmark_tiny_runs_and_reports_every_row(tmp_path):
+    code, out = run_script('bench/bench_fsdp.py', '--size', 'tiny', '--procs', '2', '--json', tmp_path / 'fsdp.json',
+                           cwd=tmp_path)
+    results = json.loads((tmp_path / 'fsdp.json').read_text())
+    rows = {row['what']: row for row in results['rows']}
+    assert sorted(rows) == ['load, rank-0 bundle', 'load, sharded', 'save, rank-0 bundle', 'save, sharded'], rows
+    for row in rows.values():
+        assert row['processes'] == 2 and row['seconds'] > 0 and math.isfinite(row['vs_bundle']) and row['peak_bytes'] >= 0
+        assert row['what'] in out

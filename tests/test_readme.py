@@ -46,7 +46,7 @@ PARSE_ONLY = {
     'python finetune_hindi_xnli.py --dataset hindi_xnli --pretrained_ckpt_path best_state_step010000':
         "the users' GPT-2-small run on their own files; the next example runs the same script on generated ones",
 }
-EXPECTED = dict(run=51, parse_only=10, installed=3, snippets=6, expected_failures=3)
+EXPECTED = dict(run=55, parse_only=10, installed=3, snippets=6, expected_failures=3)
 KEY_LINE = re.compile(r'^(Format:|resume check|=== |fault injection summary|fault class|Location:|Trained with adapters:|'
                       r'Optimizer state:|OK:|FAILED:|error:)|\|diff\||\|logits difference\||\|features difference\|')
 

@@ -4,11 +4,12 @@ plain python or torchrun) into every kind of run, one cell per (source, target).
 
 Sources (each built once per module, tiny): a bundle; a LoRA bundle with adapter.pt; the public nanoGPT's ckpt.pt,
 plain and compiled with biases; the older latest.pt; a Hugging Face GPT-2 directory; a LoRA adapter made by peft with
-its base beside it; a bundle written under torchrun.
-Targets: standard; LoRA on attention, MLP and embedding; another rank; a smaller and a larger block size; one process
-and two (torchrun). Targets d-g keep the source's own adapters (a LoRA source stays LoRA), so only one thing changes;
-(f) is therefore the same train.py run as (a), or (b) for the LoRA source, and is listed as such. The 2-process target
-runs for 4 representative sources (TORCHRUN_SOURCES); its other cells are listed as 'not run', with the reason.
+its base beside it; a bundle written under torchrun; a LoRA run's sharded checkpoint written by 2 FSDP processes.
+Targets: standard; LoRA on attention, MLP and embedding; another rank; a smaller and a larger block size; one process,
+two (torchrun, DDP) and two sharding the model (torchrun, FSDP). Targets d-h keep the source's own adapters (a LoRA
+source stays LoRA), so only one thing changes; (f) is therefore the same train.py run as (a), or (b) for the LoRA
+sources, and is listed as such. The 2-process targets run for representative sources (TORCHRUN_SOURCES); their other
+cells are listed as 'not run', with the reason.
 
 Each cell must end in one of:
   val loss = stored   a continued run whose first evaluation equals the val loss stored in the checkpoint (1e-4)
@@ -58,8 +59,9 @@ NOT_COMPARABLE = f'; not comparable, other evaluation batches: block_size {BLOCK
 ACCUMULATION_NOTE = 'note: gradient_accumulation_steps = 1 does not divide among 2 processes, so each process runs 1'
 # the 2-process target runs for these sources only (a torchrun run costs three processes' start-up); the others are
 # listed as 'not run' with this reason
-TORCHRUN_SOURCES = ('bundle', 'lora', 'nanogpt-compiled', 'torchrun')
-NOT_RUN_REASON = f'time: the 2-process target runs for {len(TORCHRUN_SOURCES)} representative sources only'
+TORCHRUN_SOURCES = {'g': ('bundle', 'lora', 'nanogpt-compiled', 'torchrun', 'sharded'),
+                    'h': ('bundle', 'lora', 'nanogpt-compiled', 'sharded')}
+NOT_RUN_REASON = 'time: the 2-process targets run for 4 or 5 representative sources only'
 EXPECTED_ERRORS = {} # (source, target) -> the words the one-line error must hold; no cell is expected to fail
 
 
@@ -95,8 +97,9 @@ TARGETS = [
     Target('e', 'block_size 64 (kept 32)', args=('--block_size', 64)),
     Target('f', '1 process (as trained)'),
     Target('g', '2 processes (torchrun)', processes=2),
+    Target('h', '2 processes FSDP (sharded)', args=('--fsdp', True), processes=2),
 ]
-SOURCE_NAMES = ['bundle', 'lora', 'nanogpt', 'nanogpt-compiled', 'legacy', 'hf', 'peft', 'torchrun']
+SOURCE_NAMES = ['bundle', 'lora', 'nanogpt', 'nanogpt-compiled', 'legacy', 'hf', 'peft', 'torchrun', 'sharded']
 CELLS = [(s, t.letter) for s in SOURCE_NAMES for t in TARGETS]
 TARGET = {t.letter: t for t in TARGETS}
 
@@ -216,14 +219,15 @@ class Matrix:
             Source('hf', 'Hugging Face GPT-2 dir (our export)', 'hf', path=src / 'hf'),
             Source('peft', 'peft adapter + base (get_peft_model)', 'peft', step=0, path=src / 'peft'),
             Source('torchrun', 'bundle (torchrun x2)', 'bundle', stored_val=True, path=src / 'torchrun'),
+            Source('sharded', 'sharded LoRA (FSDP torchrun x2)', 'sharded', stored_val=True, lora=True, path=src / 'sharded'),
         ]}
         assert list(self.sources) == SOURCE_NAMES
         for s in self.sources.values():
-            if s.kind == 'bundle':
+            if s.kind in ('bundle', 'sharded'):
                 s.reference = bundle_reference(s)
         # the cells to run ahead of the tests: their sources first, the costly ones first, then the cells in order
         needed = {name for name, _ in prefetch}
-        for name in ('torchrun', 'bundle', 'lora', 'hf', 'peft', 'nanogpt', 'nanogpt-compiled', 'legacy'):
+        for name in ('torchrun', 'sharded', 'bundle', 'lora', 'hf', 'peft', 'nanogpt', 'nanogpt-compiled', 'legacy'):
             if name in needed:
                 self.source(name)
         for name, letter in prefetch:
@@ -255,6 +259,10 @@ class Matrix:
 
     def build_torchrun(self, source):
         checked(run(self.root, '--out_dir', source.path, '--max_iters', STEP, *EVAL, processes=2))
+
+    def build_sharded(self, source):
+        checked(run(self.root, '--out_dir', source.path, '--max_iters', STEP, *EVAL, *LORA4, '--fsdp', True, processes=2))
+        assert (source.path / '__1_0.distcp').is_file()
 
     def build_nanogpt(self, source):
         with self.lock:
@@ -312,7 +320,7 @@ class Matrix:
         """ the future of one cell's run; (f) is the same run as (a) or (b): the source's own adapters, 1 process """
         key = (source_name, letter)
         if key not in self.runs:
-            if source_name not in TORCHRUN_SOURCES and TARGET[letter].processes > 1:
+            if TARGET[letter].processes > 1 and source_name not in TORCHRUN_SOURCES[letter]:
                 return None
             source, target = self.source(source_name), TARGET[letter]
             if letter == 'f':
@@ -394,7 +402,10 @@ def judge(matrix, source, target, result):
     expected = (dict(attn_lora_rank=rank, mlp_lora_rank=rank, embedding_mode='lora', embedding_rank=rank, lora_alpha=8.0)
                 if rank else dict(attn_lora_rank=0, mlp_lora_rank=0, embedding_mode='standard', embedding_rank=0))
     assert {k: saved.training_state['adapter'][k] for k in expected} == expected, saved.training_state['adapter']
-    assert (result.out_dir / 'adapter.pt').is_file() == bool(rank)
+    fsdp = '--fsdp' in target.args
+    assert saved.kind == ('sharded' if fsdp else 'bundle'), saved.kind
+    saved_factors = 'adapter' in saved.shard_parts() if fsdp else (result.out_dir / 'adapter.pt').is_file()
+    assert saved_factors == bool(rank)
     checks = [line for line in lines if line.startswith('resume check:')]
     trained = [line for line in lines if line.startswith('iter ')]
 
@@ -437,7 +448,8 @@ def test_sources_are_what_they_claim(matrix, record_row):
     assert all(k.startswith('_orig_mod.') for k in torch.load(matrix.sources['nanogpt-compiled'].path,
                                                                 weights_only=True)['model'])
     assert read_checkpoint(matrix.sources['nanogpt-compiled'].path).config.bias
-    assert read_checkpoint(matrix.sources['lora'].path).training_state['adapter']['attn_lora_rank'] == 4
+    for name in ('lora', 'sharded'):
+        assert read_checkpoint(matrix.sources[name].path).training_state['adapter']['attn_lora_rank'] == 4
 
 
 GRID_CELL = {'val loss = stored': 'val=', 'logits = source': 'logits=', 'clear error': 'error', 'FAILED': 'FAILED'}
@@ -467,7 +479,8 @@ def test_resume_cell(matrix, record_row, source_name, letter):
         raise
     finally:
         record_row('resume_matrix', **row, outcome=outcome, check=check,
-                   run=shared or ('torchrun x2' if target.processes > 1 else 'python'),
+                   run=shared or ('python' if target.processes == 1 else 'torchrun x2' + (' --fsdp' if '--fsdp' in
+                                                                                         target.args else '')),
                    seconds='' if shared or result is None else f'{result.seconds:.1f}')
         record_row('resume_matrix_grid', **grid, cell=GRID_CELL[outcome])
 
