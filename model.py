@@ -536,7 +536,7 @@ def load_universal_state_dict(model, state_dict, lora_alpha=None, source='the ch
     restore = {k.rsplit('.lora_', 1)[0] for k in factors}
     restore = {m for m in restore if all(k in adapters and adapters[k].shape == target[k].shape
                                          for k in (f'{m}.lora_A.weight', f'{m}.lora_B.weight'))}
-    for m in restore:
+    for m in sorted(restore): # one order in every process: under FSDP each merge is collective
         A, B = adapters[f'{m}.lora_A.weight'], adapters[f'{m}.lora_B.weight']
         mapped[f'{m}.lora_A.weight'], mapped[f'{m}.lora_B.weight'] = A, B
         base = f'{m}.main_weight.weight'

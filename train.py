@@ -30,7 +30,7 @@ from core.checkpoint import (CheckpointError, read_checkpoint, read_peft, find_c
 from core.cli import SetupError, check_device, start_wandb, tell_torchrun
 from core.commit import is_plain_name, lock_writer
 from core.interop import GPT2_NAMES, pretrained_gpt2_dir
-from core.sharded import shard_model
+from core.sharded import is_sharded, shard_model
 from core.tokenizer import TokenizerError
 from core.training import get_lr, set_lr, train_step, estimate_loss, save_checkpoint
 from data.prepare import DatasetError, load_meta, prepare
@@ -281,7 +281,7 @@ else:
         log(f"{'Initializing from' if init_from not in ('scratch', 'resume') else 'Resuming training from'} {named}")
     try:
         ckpt = read_peft(adapter_from, base=resume_path or None) if adapter_from else read_checkpoint(resume_path)
-        ckpt.weights() # a GPT whose config.json describes its weights, checked before anything is built
+        ckpt.check_config() # a GPT whose config.json describes its weights, checked before anything is built
         if ckpt.tokenizer is not None and ckpt.tokenizer != meta['tokenizer']:
             raise CheckpointError(f"{ckpt.path} was trained with another tokenizer than {data_dir}/meta.json's "
                                   f"({ckpt.tokenizer.get('token_kind')} vs {meta['tokenizer'].get('token_kind')}, "
@@ -302,6 +302,9 @@ else:
                 else:
                     model_args[k] = config[k] = theirs
         model = GPT.on_meta(GPTConfig(**model_args)) # built without memory or init: the checkpoint fills it
+        if fsdp and ckpt.kind == 'sharded' and block_size >= ckpt.config.block_size:
+            shard_model(model, device_type, ptdtype) # sharded first: each process reads only its shards
+            model.to_empty(device=device)
         report = ckpt.load_into(model)
     except (CheckpointError, CheckpointMismatchError) as e:
         fail(e)
@@ -345,7 +348,8 @@ log("number of parameters: %.2fM (%.2fM trainable)" % (model.get_num_params(non_
       sum(p.numel() for p in model.parameters() if p.requires_grad)/1e6))
 model.to(device)
 if fsdp:
-    shard_model(model, device_type, ptdtype)
+    if not is_sharded(model):
+        shard_model(model, device_type, ptdtype)
     torch.manual_seed(seed + seed_offset) # each process's own stream of batches from here
 
 # initialize a GradScaler. If enabled=False scaler is a no-op
@@ -355,7 +359,7 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, master_process)
 if ckpt is not None:
     try:
-        kept, fresh = apply_optimizer_state(model, optimizer, ckpt.optimizer_state(), report['fresh_lora'])
+        kept, fresh = apply_optimizer_state(model, optimizer, ckpt.optimizer_state(model), report['fresh_lora'])
     except CheckpointError as e:
         fail(e)
     log(f"optimizer: state carried over for {kept} parameter tensors, fresh for {fresh}")

@@ -37,7 +37,7 @@ from core.interop import (EXPORT_STATE, HF_WEIGHTS, export_hf, export_nanogpt, e
                           read_hf, tokenizer_files, write_hf_dir)
 from core.peft_adapter import BASE_DIR, PEFT_WEIGHTS, find_base, is_peft_dir, read_adapter, write_peft_dir
 from core.sharded import (HEAD, is_shard_file, is_sharded, is_sharded_dir, load_optimizer_state, on_all_processes,
-                          open_shards, read_optimizer, read_part, sharded_tensors, write_shards)
+                          open_shards, read_optimizer, read_part, read_shards_like, shapes, sharded_tensors, write_shards)
 from core.tokenizer import char_spec, load_tokenizer, spec_from_hf_tokenizer, spec_vocab_size
 
 FORMAT_VERSION = 1
@@ -463,35 +463,42 @@ class Checkpoint:
         """ the weights, checked against the config (a file's claims are checked before anything is built) """
         self.require_gpt()
         if self._weights is None and self.kind == 'sharded':
-            self._weights = read_part(self.path, self.shards(), 'model')
-            if 'transformer.wte.weight' in self._weights:
-                self._weights[HEAD] = self._weights['transformer.wte.weight'] # tied, stored once
+            self._weights = tied(read_part(self.path, self.shards(), 'model'))
         if self._weights is None:
             self._weights = self.load_file(MODEL_FILE)
-        if not self._checked:
-            self.check_config_fits_weights()
-            self._checked = True
+        self.check_config(self._weights)
         return self._weights
 
-    def check_config_fits_weights(self):
-        # config.json (or a Hugging Face config) may have been edited by hand: a claimed n_layer of 200000 would
-        # build 200000 blocks before the load noticed. The weights' own shapes say what they are (mmap: cheap).
-        inferred = infer_base_config(self._weights, self.path)
+    def check_config(self, weights=None):
+        """
+        config.json (or a Hugging Face config) may have been edited by hand: a claimed n_layer of 200000 would
+        build 200000 blocks before the load noticed. The weights' own shapes say what they are (mmap, or a sharded
+        checkpoint's index: cheap), checked once before anything is built.
+        """
+        self.require_gpt()
+        if self._checked:
+            return
+        if weights is None and self.kind != 'sharded':
+            self.weights() # read (mapped) and checked
+            return
+        inferred = infer_base_config(weights if weights is not None else tied(shapes(self.shards(), 'model')), self.path)
         wrong = [f'{k} {getattr(self.config, k)} (the weights have {v})' for k, v in inferred.items()
                  if getattr(self.config, k) != v]
         if wrong:
             source = os.path.join(self.path, CONFIG_FILE) if os.path.isdir(self.path) else self.path
             raise CheckpointError(f'{source} does not describe its weights: it says ' + ', '.join(wrong) +
                                   '. Was it edited by hand? Restore the values the weights have; nothing was built.')
+        self._checked = True
 
-    def optimizer_state(self):
-        """ the named optimizer state, or None when the checkpoint has none (or none we can name) """
+    def optimizer_state(self, model=None):
+        """ the named optimizer state, or None when the checkpoint has none (or none we can name); for a sharded
+        (FSDP) `model`, a sharded checkpoint's state is read sharded like its parameters """
         if self.kind == 'bundle':
             name = self.training_state.get('optimizer_file')
             return self.load_file(name) if name else None
         if self.kind == 'sharded':
             groups = self.training_state['shards'].get('optimizer_groups')
-            return read_optimizer(self.path, self.shards(), groups) if 'optimizer' in self.shard_parts() else None
+            return read_optimizer(self.path, self.shards(), groups, model) if 'optimizer' in self.shard_parts() else None
         return self._optimizer
 
     def adapter_state(self):
@@ -513,12 +520,30 @@ class Checkpoint:
     def load_into(self, model):
         """ the weights into any adapter layout; adapters restored when the run trained with the same alpha """
         saved = self.training_state.get('adapter') or {}
-        adapters = self.adapter_state() if saved.get('lora_alpha') == model.config.lora_alpha else None
-        return load_universal_state_dict(model, self.weights(), lora_alpha=self.lora_alpha, source=self.path,
-                                         adapters=adapters)
+        same_alpha = saved.get('lora_alpha') == model.config.lora_alpha
+        if self.kind == 'sharded' and is_sharded(model):
+            weights, adapters = self.shards_for(model, same_alpha)
+        else:
+            weights, adapters = self.weights(), self.adapter_state() if same_alpha else None
+        return load_universal_state_dict(model, weights, lora_alpha=self.lora_alpha, source=self.path, adapters=adapters)
+
+    def shards_for(self, model, with_adapters):
+        """
+        For a sharded (FSDP) model: its shards of the weights (and of the factors), each process reading its own
+        share. The checkpoint's other tensors (another architecture's) stand in as shapes, so the strict load names them.
+        """
+        self.check_config()
+        params = model.state_dict()
+        read = read_shards_like(self.path, self.shards(), 'model', {standard_key(k): v for k, v in params.items()
+                                                                    if not is_lora_factor(k) and k != HEAD})
+        weights = tied({**shapes(self.shards(), 'model'), **read})
+        adapters = None
+        if with_adapters and 'adapter' in self.shard_parts():
+            adapters = read_shards_like(self.path, self.shards(), 'adapter', {k: v for k, v in params.items() if is_lora_factor(k)})
+        return weights, adapters
 
     def build_model(self, device='cpu', **adapter_settings):
-        self.weights() # checked against the config before anything is built
+        self.check_config() # before anything is built
         if self.tokenizer is not None and spec_vocab_size(self.tokenizer) > self.config.vocab_size:
             raise CheckpointError(f'{self.path}: its tokenizer produces {spec_vocab_size(self.tokenizer)} ids but the model '
                                   f'has {self.config.vocab_size} embedding rows: tokenizer.json does not belong to these weights')
@@ -640,6 +665,13 @@ def sharded_dir(path):
     # its directory, or the complete one a crash between the two renames of a commit left beside it
     found = path if is_sharded_dir(path) else None if path.is_file() else bundle_dir(path)
     return found if found is not None and is_sharded_dir(found) else None
+
+
+def tied(weights):
+    """ a sharded checkpoint stores the tied head once, as the embedding """
+    if 'transformer.wte.weight' in weights:
+        weights[HEAD] = weights['transformer.wte.weight']
+    return weights
 
 
 def read_sharded(path, meta_path=None):

@@ -61,21 +61,27 @@ def shard_model(model, device_type, dtype):
     return model
 
 
+def is_dtensor(tensor):
+    return type(tensor).__name__ == 'DTensor'
+
+
 def is_sharded(model):
-    return any(type(p).__name__ == 'DTensor' for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def load_optimizer_state(model, optimizer, state):
     """
-    `state`: full (unsharded) tensors by parameter name (the model's own names), for the parameters chosen to keep
-    theirs; torch shards them like the parameters. The others start fresh, exactly as in a single process: the
-    placeholder state torch makes for them is dropped, so AdamW starts them at step 0.
+    `state`: tensors by parameter name (the model's own names), for the parameters chosen to keep theirs: full
+    tensors, which torch shards like the parameters, or already sharded ones (read_optimizer). The others start
+    fresh, exactly as in a single process: the placeholder state torch makes for them is dropped, so AdamW starts
+    them at step 0.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
     groups = get_optimizer_state_dict(model, optimizer)['param_groups'] # this run's hyperparameters, by name
+    full = not any(is_dtensor(v) for s in state.values() for v in s.values())
     # strict=False: the parameters left out of `state` are left out on purpose (they start fresh, dropped below)
     set_optimizer_state_dict(model, optimizer, {'state': state, 'param_groups': groups},
-                             options=StateDictOptions(full_state_dict=True, strict=False))
+                             options=StateDictOptions(full_state_dict=full, strict=False))
     for name, p in model.named_parameters():
         if name not in state:
             optimizer.state.pop(p, None)
@@ -198,34 +204,90 @@ def read_metadata(directory, manifest):
 
 
 def open_shards(directory, manifest):
-    """ the checked index, with every shard file verified against the manifest (once per checkpoint read) """
+    """
+    The checked index, with every shard file verified against the manifest (once per checkpoint read). Under a
+    process group every process reads the checkpoint: each verifies a share of the files, and a damaged one stops all.
+    """
     metadata, tensors = read_metadata(directory, manifest)
-    for name in sorted({e.relative_path for e in metadata.storage_data.values()}):
-        verify_file(directory, name, manifest)
+    names = sorted({e.relative_path for e in metadata.storage_data.values()})
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    error = None
+    for name in names[rank::world]:
+        try:
+            verify_file(directory, name, manifest)
+        except DamagedError as e:
+            error = str(e)
+            break
+    if world > 1:
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise DamagedError(error)
     return metadata, tensors
+
+
+def shapes(shards, part):
+    """ the part's tensors as meta tensors: their names, shapes and dtypes, no data """
+    return {k[len(part) + 1:]: torch.empty(m.size, dtype=m.properties.dtype, device='meta')
+            for k, m in shards[1].items() if k.startswith(f'{part}/')}
+
+
+def dcp_load(directory, metadata, wanted, no_dist):
+    import torch.distributed.checkpoint as dcp
+    reader = dcp.FileSystemReader(directory)
+    reader.read_metadata = lambda *args, **kwargs: metadata # the checked index, not a second, unchecked unpickling
+    try:
+        with warnings.catch_warnings(): # no_dist says it: one process, no process group
+            warnings.filterwarnings('ignore', message='torch.distributed is disabled')
+            dcp.load(wanted, storage_reader=reader, no_dist=no_dist)
+    except Exception as e:
+        raise DamagedError(f'{directory}: the shards could not be read ({type(e).__name__}: {str(e)[:200]})') from None
+
+
+def read_shards_like(directory, shards, part, like):
+    """
+    For a sharded model: the part's tensors whose keys and shapes are those of `like` ({key: this process's DTensor
+    of the model, or a plain tensor}), read into tensors sharded the same way: each process reads only its own
+    share of the bytes. Keys not in the checkpoint, or of another shape, are left out. Collective: every process calls.
+    """
+    tensors = shards[1]
+    wanted = {f'{part}/{k}': torch.empty_like(v) for k, v in like.items()
+              if f'{part}/{k}' in tensors and tuple(tensors[f'{part}/{k}'].size) == tuple(v.shape)}
+    dcp_load(directory, shards[0], wanted, no_dist=False)
+    return {k[len(part) + 1:]: v for k, v in wanted.items()}
 
 
 def read_part(directory, shards, part):
     """ one part (model, adapter or optimizer) as full tensors, {key after 'part/': tensor}; `shards`: open_shards' """
-    import torch.distributed.checkpoint as dcp
     metadata, tensors = shards
     wanted = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in tensors.items() if k.startswith(f'{part}/')}
     if wanted:
-        reader = dcp.FileSystemReader(directory)
-        reader.read_metadata = lambda *args, **kwargs: metadata # the checked index, not a second, unchecked unpickling
-        try:
-            with warnings.catch_warnings(): # no_dist says it: one process, no process group
-                warnings.filterwarnings('ignore', message='torch.distributed is disabled')
-                dcp.load(wanted, storage_reader=reader, no_dist=True)
-        except Exception as e:
-            raise DamagedError(f'{directory}: the shards could not be read ({type(e).__name__}: {str(e)[:200]})') from None
+        dcp_load(directory, metadata, wanted, no_dist=True)
     return {k[len(part) + 1:]: v for k, v in wanted.items()}
 
 
-def read_optimizer(directory, shards, groups):
-    """ the optimizer part as the named state a bundle's optimizer.pt holds """
+def read_optimizer(directory, shards, groups, model=None):
+    """ the optimizer part as the named state a bundle's optimizer.pt holds; for a sharded `model`, the state of its
+    parameters (by shape) sharded like them, each process reading its own share """
+    if model is not None and is_sharded(model):
+        stored = {}
+        for key, m in shards[1].items():
+            if key.startswith('optimizer/'):
+                name, field = key[len('optimizer/'):].rsplit('/', 1)
+                stored.setdefault(name, {})[field] = m
+        like = {} # moments are shaped like their parameter, so sharded like it; the step count is a scalar for each
+        for n, p in model.named_parameters():
+            for field, m in stored.get(standard_key(n), {}).items():
+                like[f'{standard_key(n)}/{field}'] = p if len(m.size) else torch.empty((), dtype=m.properties.dtype)
+        part = read_shards_like(directory, shards, 'optimizer', like)
+        # a parameter whose moments have another shape here keeps none of its state (not the step count alone)
+        complete = {name for name, fields in stored.items() if all(f'{name}/{f}' in part for f in fields)}
+        part = {k: v for k, v in part.items() if k.rsplit('/', 1)[0] in complete}
+    else:
+        part = read_part(directory, shards, 'optimizer')
     state = {}
-    for key, value in read_part(directory, shards, 'optimizer').items():
+    for key, value in part.items():
         name, field = key.rsplit('/', 1)
         state.setdefault(name, {})[field] = value
     return {'state': state, 'param_groups': groups}
