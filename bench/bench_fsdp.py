@@ -7,8 +7,8 @@ For each process count N, one torchrun of N workers builds the model, shards it 
 moments, then measures:
 - save: every process writes its shards (save_sharded) vs the state gathered to process 0 and written there as a
   bundle (what a rank-0 save of an FSDP run costs);
-- load: train.py's resume of each (every process reads the checkpoint, builds the model and shards it, then the
-  optimizer state), on the sharded model;
+- load: train.py's resume of each under FSDP: the sharded checkpoint into the model sharded first, each process
+  reading only its shards; the bundle read whole by every process, then sharded; then the optimizer state;
 - peak memory per process on each, as the growth of its peak RSS over what it held before, against the full state
   (weights plus moments): the target is 1/N of it plus a small constant.
 Times are the slowest process's. The machine has 2 cores: beyond 2 processes they share them.
@@ -96,13 +96,17 @@ def worker(size, out_dir, result_file):
     dist.barrier()
 
     def resume(path):
-        # train.py's resume: read the checkpoint, build the model from it and shard it, then its optimizer state
+        # train.py's resume under FSDP: a sharded checkpoint into the model sharded first (each process reads its
+        # shards); any other checkpoint read whole by every process, then the model sharded; then the optimizer state
         ck = read_checkpoint(path)
         resumed = GPT.on_meta(ck.model_config())
+        if ck.kind == 'sharded':
+            shard_model(resumed, 'cpu', torch.float32).to_empty(device='cpu')
         ck.load_into(resumed)
-        shard_model(resumed, 'cpu', torch.float32)
+        if ck.kind != 'sharded':
+            shard_model(resumed, 'cpu', torch.float32)
         opt = resumed.configure_optimizers(0.1, 1e-3, (0.9, 0.99), 'cpu', verbose=False)
-        return apply_optimizer_state(resumed, opt, ck.optimizer_state())
+        return apply_optimizer_state(resumed, opt, ck.optimizer_state(resumed))
     seconds, peak, kept = measured(lambda: resume(sharded_dir))
     rows['load, sharded'] = (seconds, peak)
     seconds, peak, kept_bundle = measured(lambda: resume(bundle_dir))
@@ -115,7 +119,7 @@ def worker(size, out_dir, result_file):
 
 def main(size, procs, out_json=None):
     results = []
-    with tempfile.TemporaryDirectory(dir=REPO if (REPO / '.git').exists() else None, prefix='.bench-fsdp-') as tmp:
+    with tempfile.TemporaryDirectory(prefix='bench-fsdp-') as tmp:
         for n in procs:
             result_file = Path(tmp) / f'result{n}.json'
             env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': str(max(1, (os.cpu_count() or 1) // n))}

@@ -37,7 +37,8 @@ from core.interop import (EXPORT_STATE, HF_WEIGHTS, export_hf, export_nanogpt, e
                           read_hf, tokenizer_files, write_hf_dir)
 from core.peft_adapter import BASE_DIR, PEFT_WEIGHTS, find_base, is_peft_dir, read_adapter, write_peft_dir
 from core.sharded import (HEAD, is_shard_file, is_sharded, is_sharded_dir, load_optimizer_state, on_all_processes,
-                          open_shards, read_optimizer, read_part, read_shards_like, shapes, sharded_tensors, write_shards)
+                          open_shards, read_optimizer, read_part, read_shards_like, save_group, shapes, sharded_tensors,
+                          staged_shards, write_shards)
 from core.tokenizer import char_spec, load_tokenizer, spec_from_hf_tokenizer, spec_vocab_size
 
 FORMAT_VERSION = 1
@@ -298,10 +299,15 @@ def save_bundle(checkpoint_dir, model, step, optimizer=None, tokenizer=None, bes
         return checkpoint_dir
     # staged: the training loop changes its parameters and moments in place, the thread writes this copy
     merged, factors, named, state = staged(merged), staged(factors), staged(named), staged(state)
+    return in_background(commit, checkpoint_dir)
+
+
+def in_background(save, checkpoint_dir):
+    """ save() in a thread, after the previous background save has finished """
     wait_for_saves()
     def run():
         try:
-            commit()
+            save()
         except BaseException as e: # said by the next save, or at the end of training
             SAVE_ERRORS.append(e)
     thread = threading.Thread(target=run, name=f'save {checkpoint_dir}') # not a daemon: exit waits for it
@@ -357,10 +363,12 @@ class save_errors:
 
 
 def save_sharded(checkpoint_dir, model, step, optimizer=None, tokenizer=None, best_val_loss=None, val_loss=None,
-                 run_config=None, extra_state=None):
+                 run_config=None, extra_state=None, background=False):
     """
     save_bundle for an FSDP model, called by every process: each writes its shards in parallel into process 0's new
     directory, which process 0 then commits as a whole (manifest last, then the swap), as it does a bundle.
+    background=True: as save_bundle's; each process copies its shards to CPU memory, and the write runs in a thread
+    whose collectives use a process group of their own (wait_for_saves() in every process waits for it).
     """
     tensors, groups = sharded_tensors(model, optimizer)
     tokenizer = tokenizer or getattr(model, 'tokenizer_spec', None)
@@ -371,14 +379,21 @@ def save_sharded(checkpoint_dir, model, step, optimizer=None, tokenizer=None, be
 
     def first(share):
         def write_files(directory):
-            write_shards(share(directory), tensors)
+            write_shards(share(directory), tensors, group)
             write_json_files(directory, model, tokenizer, state)
         with save_errors(checkpoint_dir):
             commit_directory(checkpoint_dir, write_files, replaces=is_checkpoint_file)
 
-    with save_errors(checkpoint_dir):
-        on_all_processes(first, lambda directory: write_shards(directory, tensors))
-    return checkpoint_dir
+    group = None
+    if background:
+        tensors, group = staged_shards(tensors), save_group()
+    def save():
+        with save_errors(checkpoint_dir):
+            on_all_processes(first, lambda directory: write_shards(directory, tensors, group), group)
+    if not background:
+        save()
+        return checkpoint_dir
+    return in_background(save, checkpoint_dir)
 
 
 def staged(obj, copies=None):

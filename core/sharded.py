@@ -106,25 +106,27 @@ def sharded_tensors(model, optimizer):
     return tensors, groups
 
 
-def write_shards(directory, tensors):
+def write_shards(directory, tensors, group=None):
     """
     Every process writes its shards into `directory` (process 0's, made by its commit); the processes then
     checksum a share of the files each, and process 0 gets them all, for the manifest its commit writes last.
+    `group`: the process group of the save's collectives (None: the default one).
     """
     import torch.distributed.checkpoint as dcp
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(directory)) # fsyncs each file; .metadata after all shards
-    rank, world = dist.get_rank(), dist.get_world_size()
+    # fsyncs each file; .metadata after all shards
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(directory), process_group=group)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
     names = sorted(n for n in os.listdir(directory) if is_shard_file(n))
     mine = {n: {'size': os.path.getsize(os.path.join(directory, n)), 'xxh3_64': file_checksum(os.path.join(directory, n))}
             for i, n in enumerate(names) if i % world == rank}
     everyone = [None] * world if rank == 0 else None
-    dist.gather_object(mine, everyone, dst=0)
+    dist.gather_object(mine, everyone, dst=0, group=group)
     if rank == 0:
         for entries in everyone:
             WRITTEN.update({os.path.join(directory, n): e for n, e in entries.items()})
 
 
-def on_all_processes(first, others):
+def on_all_processes(first, others, group=None):
     """
     Run first() on process 0 (it commits the save: lock, directory, manifest, swap) and others() on the rest;
     first() passes its directory to the others through share(). Every process gets the outcome: process 0's
@@ -133,26 +135,49 @@ def on_all_processes(first, others):
     box = [None]
     def share(directory):
         box[0] = str(directory)
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
         return directory
     error = None
-    if dist.get_rank() == 0:
+    if dist.get_rank(group) == 0:
         try:
             first(share)
         except BaseException as e:
             error = e
         if box[0] is None:
-            dist.broadcast_object_list(box, src=0) # it failed before sharing: the others write nothing
+            dist.broadcast_object_list(box, src=0, group=group) # it failed before sharing: the others write nothing
     else:
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
         if box[0] is not None:
             others(box[0])
     outcome = [None if error is None else str(error)]
-    dist.broadcast_object_list(outcome, src=0)
+    dist.broadcast_object_list(outcome, src=0, group=group)
     if error is not None:
         raise error
     if outcome[0] is not None:
         raise CheckpointError(outcome[0])
+
+
+SAVE_GROUP = [] # the process group of background saves, made at the first
+
+
+def save_group():
+    """ a process group of its own for saves that run in the background, so that their collectives and training's
+    never meet on one group (made by every process at once: the first background save is called by all) """
+    if not SAVE_GROUP:
+        SAVE_GROUP.append(dist.new_group(backend='gloo'))
+    return SAVE_GROUP[0]
+
+
+def staged_shards(tensors):
+    """ a copy in CPU memory of each process's own shards (and of its plain tensors): training goes on changing the
+    originals while the copy is written """
+    from torch.distributed.tensor import DTensor
+    def copy(t):
+        if is_dtensor(t):
+            return DTensor.from_local(t.to_local().detach().to('cpu', copy=True), t.device_mesh, t.placements,
+                                      run_check=False, shape=t.shape, stride=t.stride())
+        return t.detach().to('cpu', copy=True)
+    return {k: copy(v) for k, v in tensors.items()}
 
 
 # -----------------------------------------------------------------------------

@@ -95,6 +95,6 @@ def save_checkpoint(out_dir, model, optimizer, iter_num, best_val_loss, val_loss
     log(f"saving checkpoint to {out_dir}")
     if sharded:
         return save_sharded(out_dir, model, iter_num, optimizer, best_val_loss=best_val_loss, val_loss=val_loss,
-                            run_config=run_config, extra_state=extra)
+                            run_config=run_config, extra_state=extra, background=background)
     return save_bundle(out_dir, model, iter_num, optimizer, best_val_loss=best_val_loss, val_loss=val_loss,
                        run_config=run_config, extra_state=extra, background=background)

@@ -3,7 +3,7 @@ FSDP2 training and its sharded checkpoints, run as a user runs them: train.py --
 - a 2-process run with gradient accumulation and clipping saves shards; it resumes on 4 processes and on 1, with the
   first evaluation equal to the stored one (the resume matrix adds the other sources and targets);
 - the FSDP model's logits equal those of the bundle convert_checkpoints.py consolidates from its shards (LoRA merged
-  on the shards);
+  on the shards), for a save written in the background while training went on;
 - kill -9 of one process at each stage of a sharded save: the previous checkpoint stays loadable, every file as its
   manifest says (the fault-injection table's rows);
 - a sharded checkpoint whose index names files outside it, or claims more tensor bytes than its shards hold, is refused.
@@ -88,7 +88,7 @@ def test_it_resumes_on_another_number_of_processes(sharded, processes):
 FSDP_LOGITS = '''
 import sys, torch, torch.distributed as dist
 from model import GPT, GPTConfig
-from core.checkpoint import save_sharded
+from core.checkpoint import save_sharded, wait_for_saves
 from core.sharded import shard_model
 dist.init_process_group('gloo')
 out = sys.argv[1]
@@ -107,7 +107,13 @@ for _ in range(3): # the factors move away from B = 0, so the merge changes the 
 model.eval()
 with torch.no_grad():
     logits = model(ids, ids)[0]
-save_sharded(out, model, 3, optimizer)
+save_sharded(out, model, 3, optimizer, background=True) # written while training goes on:
+model.train()
+for _ in range(3): # the parameters and moments change (in place) during the write
+    model(ids, ids)[1].backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+wait_for_saves()
 if dist.get_rank() == 0:
     torch.save({'ids': ids, 'logits': logits}, out + '.logits.pt')
 dist.destroy_process_group()
@@ -115,6 +121,7 @@ dist.destroy_process_group()
 
 
 def test_the_consolidated_bundle_has_the_fsdp_models_logits(tmp_path):
+    # the save runs in the background while 3 more steps change the model: what is read back is the state at step 3
     (tmp_path / 'fsdp_logits.py').write_text(FSDP_LOGITS)
     torchrun(tmp_path, 2, 'lora', script=tmp_path / 'fsdp_logits.py', config=None)
     expected = torch.load(tmp_path / 'lora.logits.pt', weights_only=True)
@@ -123,6 +130,7 @@ def test_the_consolidated_bundle_has_the_fsdp_models_logits(tmp_path):
     assert result.returncode == 0 and 'Warning' not in result.stderr, result.stdout + result.stderr
     bundle = read_checkpoint(tmp_path / 'bundle')
     assert bundle.kind == 'bundle' and (tmp_path / 'bundle' / 'adapter.pt').is_file() # the factors carried along
+    assert bundle.step == 3 and {s['step'].item() for s in bundle.optimizer_state()['state'].values()} == {3.0}
     for ck in (bundle, read_checkpoint(tmp_path / 'lora')): # the bundle, and the shards read in one process
         model, report = ck.build_model() # standard: every adapter merged
         with torch.no_grad():
