@@ -6,7 +6,8 @@ $ python bench/bench_fsdp.py --size gpt2               # GPT-2 small with its Ad
 For each process count N, one torchrun of N workers builds the model, shards it (FSDP2) and gives AdamW its two
 moments, then measures:
 - save: every process writes its shards (save_sharded) vs the state gathered to process 0 and written there as a
-  bundle (what a rank-0 save of an FSDP run costs);
+  bundle (what a rank-0 save of an FSDP run costs); and how long the training loop waits for an async sharded save
+  (each process copies its shards to CPU memory);
 - load: train.py's resume of each under FSDP: the sharded checkpoint into the model sharded first, each process
   reading only its shards; the bundle read whole by every process, then sharded; then the optimizer state;
 - peak memory per process on each, as the growth of its peak RSS over what it held before, against the full state
@@ -62,7 +63,7 @@ def measured(fn):
 
 def worker(size, out_dir, result_file):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    from core.checkpoint import apply_optimizer_state, read_checkpoint, save_bundle, save_sharded
+    from core.checkpoint import apply_optimizer_state, read_checkpoint, save_bundle, save_sharded, wait_for_saves
     from core.commit import finish_cleanups
     from core.sharded import shard_model
     dist.init_process_group('gloo')
@@ -79,6 +80,9 @@ def worker(size, out_dir, result_file):
     rows = {}
 
     rows['save, sharded'] = measured(lambda: save_sharded(sharded_dir, model, 1, optimizer))[:2]
+    # async: the loop waits only while each process copies its shards to CPU memory (then the write is waited for)
+    rows['save, sharded async: stall'] = measured(lambda: save_sharded(sharded_dir, model, 1, optimizer, background=True))[:2]
+    wait_for_saves()
 
     def rank0_bundle():
         # the whole state on process 0 (every process takes part in gathering it), then written as a bundle
@@ -133,18 +137,21 @@ def main(size, procs, out_json=None):
     full = results[0]['full_bytes']
     print(f'{size}: weights + AdamW moments = {full / 1e6:.0f} MB; times of the slowest process, peak RSS growth of the '
           'largest, as a share of the full state (target for sharded: 1/N + a small constant)')
-    print(f"{'processes':>9}  {'what':<20} {'seconds':>8} {'vs rank-0 bundle':>17} {'peak MB':>8} {'x full':>7} {'x 1/N':>6}")
+    print(f"{'processes':>9}  {'what':<27} {'seconds':>8} {'vs rank-0 bundle':>17} {'peak MB':>8} {'x full':>7} {'x 1/N':>6}")
     rows = []
     for result in results:
         n = result['processes']
         for what in ('save', 'load'):
-            sharded, bundle = result['rows'][f'{what}, sharded'], result['rows'][f'{what}, rank-0 bundle']
-            for label, (seconds, peak) in ((f'{what}, sharded', sharded), (f'{what}, rank-0 bundle', bundle)):
+            bundle = result['rows'][f'{what}, rank-0 bundle']
+            labels = [f'{what}, sharded'] + (['save, sharded async: stall'] if what == 'save' else []) + [f'{what}, rank-0 bundle']
+            for label, (seconds, peak) in ((label, result['rows'][label]) for label in labels):
                 ratio = seconds / bundle[0]
-                print(f'{n:>9}  {label:<20} {seconds:8.3f} {ratio:16.2f}x {peak / 1e6:8.0f} {peak / full:7.2f} '
+                print(f'{n:>9}  {label:<27} {seconds:8.3f} {ratio:16.2f}x {peak / 1e6:8.0f} {peak / full:7.2f} '
                       f'{peak / (full / n):6.2f}')
                 rows.append(dict(processes=n, what=label, seconds=seconds, vs_bundle=ratio, peak_bytes=peak,
                                  peak_vs_full=peak / full))
+        stall = result['rows']['save, sharded async: stall'][0] / result['rows']['save, sharded'][0]
+        print(f"{n:>9}  async save: the loop waits {stall:.2f}x of the synchronous sharded save")
     if out_json:
         Path(out_json).write_text(json.dumps({'size': size, 'full_bytes': full, 'rows': rows}, indent=2))
 
