@@ -40,6 +40,9 @@ def convert(source, out_dir=None, force=False, meta=None):
                               if os.path.isdir(ck.path) else f'{source} lies in the current directory, which is not '
                               'made into a bundle: name where the bundle goes, --out DIR')
     out_dir = out_dir or os.path.dirname(ck.path)
+    if os.path.isdir(ck.path) and os.path.realpath(out_dir) == os.path.realpath(ck.path):
+        raise CheckpointError(f'--out {out_dir} names the checkpoint being read ({ck.title}): write the bundle into '
+                              'another directory (the source is never modified)')
     existing = find_checkpoint(out_dir)
     if existing and existing[0] == 'bundle' and not force:
         raise CheckpointError(f'{out_dir} already holds a bundle; pass --force to replace it, or --out DIR')

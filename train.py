@@ -155,9 +155,6 @@ if adapter_from and (resume_from or init_from == 'resume'):
 if fsdp and os.environ.get('RANK') is None:
     fail('fsdp = True shards the model across the processes that torchrun starts, and this run is one process: '
          'run it as torchrun --standalone --nproc_per_node=N train.py ... (N = 1 works too), or leave out --fsdp')
-if fsdp and async_save:
-    log("note: async_save = True is not used with fsdp = True: an FSDP save is written by every process in parallel, "
-        "and the training loop waits for it")
 if fsdp and dtype == 'float16':
     fail("dtype = 'float16' cannot be used with fsdp = True (its gradient scaler does not work on sharded gradients): "
          "use --dtype=bfloat16, or float32")

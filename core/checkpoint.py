@@ -31,14 +31,14 @@ import torch
 
 from model import (ADAPTER_FIELDS, ADAPTER_RANKS, GPT, CheckpointMismatchError, GPTConfig, is_lora_factor, load_universal_state_dict,
                    merge_lora_factors, standard_key, standardize_state_dict)
-from core.commit import (MANIFEST_FILE, CheckpointError, DamagedError, atomic_write, check_sizes, commit_directory,
-                         interrupted_save, is_plain_name, read_manifest, verify_file, write_json)
+from core.commit import (MANIFEST_FILE, PREVIOUS, SAVING, CheckpointError, DamagedError, atomic_write, check_sizes,
+                         commit_directory, complete, interrupted_save, is_plain_name, read_manifest, verify_file, write_json)
 from core.interop import (EXPORT_STATE, HF_WEIGHTS, export_hf, export_nanogpt, export_state_file, is_hf_dir, model_card,
                           read_hf, tokenizer_files, write_hf_dir)
 from core.peft_adapter import BASE_DIR, PEFT_WEIGHTS, find_base, is_peft_dir, read_adapter, write_peft_dir
 from core.sharded import (HEAD, is_shard_file, is_sharded, is_sharded_dir, load_optimizer_state, on_all_processes,
-                          open_shards, read_optimizer, read_part, read_shards_like, save_group, shapes, sharded_tensors,
-                          staged_shards, write_shards)
+                          open_shards, read_metadata, read_optimizer, read_part, read_shards_like, save_group, shapes,
+                          sharded_tensors, staged_shards, write_shards)
 from core.tokenizer import char_spec, load_tokenizer, spec_from_hf_tokenizer, spec_vocab_size
 
 FORMAT_VERSION = 1
@@ -444,7 +444,7 @@ class Checkpoint:
         self.notes, self.lora_alpha, self.manifest = list(notes), lora_alpha, manifest
         self.details = details # a checkpoint that is not a GPT: its own config.json, for reports
         self._weights, self._optimizer, self._adapters = weights, optimizer, adapters
-        self._checked, self._shards = False, None
+        self._checked, self._shards, self._parts = False, None, None
 
     @property
     def title(self):
@@ -466,7 +466,12 @@ class Checkpoint:
         return self._shards
 
     def shard_parts(self):
-        return (self.training_state.get('shards') or {}).get('parts') or []
+        """ the parts a sharded checkpoint holds, by DCP's index (training_state.json's list may be edited) """
+        if self.kind != 'sharded':
+            return []
+        if self._parts is None:
+            self._parts = sorted({key.split('/', 1)[0] for key in read_metadata(self.path, self.manifest)[1]})
+        return self._parts
 
     def load_file(self, name):
         if not is_plain_name(name): # training_state.json names its files: they must stay inside the checkpoint
@@ -513,7 +518,12 @@ class Checkpoint:
             return self.load_file(name) if name else None
         if self.kind == 'sharded':
             groups = self.training_state['shards'].get('optimizer_groups')
-            return read_optimizer(self.path, self.shards(), groups, model) if 'optimizer' in self.shard_parts() else None
+            if 'optimizer' not in self.shard_parts():
+                return None
+            if groups is None:
+                raise CheckpointError(f'{self.file(STATE_FILE)}: the shards hold an optimizer state, but "shards" names no '
+                                      '"optimizer_groups" (its hyperparameters and parameter names; edited by hand?)')
+            return read_optimizer(self.path, self.shards(), groups, model)
         return self._optimizer
 
     def adapter_state(self):
@@ -692,9 +702,17 @@ def tied(weights):
 def read_sharded(path, meta_path=None):
     ck = read_bundle(path, meta_path, kind='sharded')
     shards = ck.training_state.get('shards')
-    if not (isinstance(shards, dict) and isinstance(shards.get('parts'), list) and 'model' in shards['parts']):
-        raise CheckpointError(f'{path / STATE_FILE} does not describe the shards in {path} (no "shards" entry naming '
-                              'a "model" part): expected the training_state.json that train.py --fsdp=True writes')
+    groups = shards.get('optimizer_groups') if isinstance(shards, dict) else None
+    if not (isinstance(shards, dict) and isinstance(shards.get('parts'), list) and 'model' in shards['parts']
+            and type(shards.get('processes')) is int and shards['processes'] >= 1):
+        raise CheckpointError(f'{path / STATE_FILE} does not describe the shards in {path} (its "shards" entry should '
+                              f'name the process count and a "model" part, found {str(shards)[:120]}): expected the '
+                              'training_state.json that train.py --fsdp=True writes')
+    if groups is not None and not (isinstance(groups, list) and all(
+            isinstance(g, dict) and isinstance(g.get('params'), list) and all(isinstance(n, str) for n in g['params'])
+            for g in groups)):
+        raise CheckpointError(f'{path / STATE_FILE}: the "optimizer_groups" of "shards" are not a list of parameter '
+                              'groups, each with the names of its "params" (edited by hand?); found {str(groups)[:120]}')
     return ck
 
 
@@ -928,6 +946,12 @@ def find_checkpoint(path, legacy_file=None):
 
 
 def read_checkpoint(path, legacy_file=None, meta_path=None):
+    name = Path(path).resolve().name
+    if Path(path).is_dir() and name.startswith('.') and (SAVING in name or PREVIOUS in name) and not complete(path):
+        final = name[1:].rsplit(SAVING if SAVING in name else PREVIOUS, 1)[0]
+        raise CheckpointError(f'{path} is what an interrupted save left beside the checkpoint {final} (incomplete: no '
+                              f'manifest, or files missing): read {Path(path).resolve().parent / final} instead; the '
+                              'next save there clears it')
     found = find_checkpoint(path, legacy_file)
     if found is None and legacy_file:
         raise CheckpointError(f'--legacy_checkpoint {legacy_file}: there is no file {legacy_file} in {path} (it holds '
@@ -936,7 +960,8 @@ def read_checkpoint(path, legacy_file=None, meta_path=None):
     if found is None:
         if Path(path).is_dir():
             raise CheckpointError(f'no checkpoint in the directory {path}: expected a bundle (config.json + model.pt), '
-                                  f'a Hugging Face GPT-2 directory, or one of {", ".join(LEGACY_NAMES)}; found '
+                                  f'a sharded checkpoint (config.json + .metadata + shards), a Hugging Face GPT-2 '
+                                  f'directory, or one of {", ".join(LEGACY_NAMES)}; found '
                                   f'{", ".join(sorted(os.listdir(path))[:8]) or "nothing"}')
         raise CheckpointError(f'no checkpoint at {path}: expected a bundle directory (config.json + model.pt), '
                               f'a directory holding one of {", ".join(LEGACY_NAMES)}, or a checkpoint file')

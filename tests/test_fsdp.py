@@ -239,3 +239,43 @@ def test_a_forged_index_is_refused_before_any_tensor_is_read(sharded, tmp_path):
         with pytest.raises(CheckpointError) as error:
             read_checkpoint(copy).weights()
         assert words in str(error.value) and str(copy / METADATA) in str(error.value), str(error.value)
+
+
+def script(cwd, name, *args):
+    proc = subprocess.run([sys.executable, str(REPO / name), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, 'PYTHONPATH': str(REPO)})
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_wrong_uses_of_a_sharded_checkpoint_are_named(sharded, tmp_path):
+    import json
+    import shutil
+    root, _ = sharded
+    run = tmp_path / 'run'
+    shutil.copytree(root / 'run', run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    # converted onto itself: refused, nothing touched (it used to become a bundle, then fail with a traceback)
+    code, out = script(tmp_path, 'convert_checkpoints.py', 'run', '--out', 'run', '--force')
+    assert code == 1 and 'Traceback' not in out and 'names the checkpoint being read' in out, out
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    # a leftover of an interrupted save, inspected: named as such, with the checkpoint to read instead
+    leftover = tmp_path / '.run.saving-4242'
+    shutil.copytree(run, leftover)
+    (leftover / MANIFEST_FILE).unlink()
+    (leftover / 'config.json').unlink()
+    code, out = script(tmp_path, 'inspect_model.py', '--checkpoint', leftover)
+    assert code == 1 and 'Traceback' not in out and 'an interrupted save left beside the checkpoint run' in out, out
+    # training_state.json edited: parts that are not there are not claimed; optimizer groups that are not groups refused
+    state = json.loads((run / 'training_state.json').read_text())
+    state['shards']['parts'] = ['model', 'optimizer', 'adapter']
+    (run / 'training_state.json').write_text(json.dumps(state))
+    code, out = script(tmp_path, 'inspect_model.py', '--checkpoint', 'run')
+    assert code == 0 and 'Adapter factors' not in out and 'edited after it was saved' in out, out
+    del state['shards']['optimizer_groups']
+    (run / 'training_state.json').write_text(json.dumps(state))
+    code, out = script(tmp_path, 'convert_checkpoints.py', 'run', '--to', 'bundle', 'out')
+    assert code == 1 and 'Traceback' not in out and 'training_state.json' in out and 'optimizer_groups' in out, out
+    state['shards']['optimizer_groups'] = [{'lr': 1.0}]
+    (run / 'training_state.json').write_text(json.dumps(state))
+    code, out = script(tmp_path, 'convert_checkpoints.py', 'run', '--to', 'bundle', 'out')
+    assert code == 1 and 'Traceback' not in out and 'not a list of parameter groups' in out, out
