@@ -47,6 +47,7 @@ eval_only = False # if True, script exits right after the first eval
 always_save_checkpoint = True # if True, always save a checkpoint after each eval
 save_optimizer = True # False: a deploy-only bundle (no optimizer.pt)
 async_save = False # True: training waits only while a save copies the state to CPU memory; the write runs beside it
+                   # (on by default with fsdp = True, unless set: the loop waited 0.03-0.19x of the save, bench/bench_fsdp.py)
 init_from = 'scratch' # 'scratch', 'resume' (from out_dir), or a path (a bundle, ckpt.pt, Hugging Face GPT-2 dir)
 resume_from = '' # a bundle directory or legacy checkpoint file to resume from (implies resuming)
 adapter_from = '' # a peft LoRA adapter directory to continue, with its settings; its base model: init_from, or DIR/base
@@ -155,6 +156,8 @@ if adapter_from and (resume_from or init_from == 'resume'):
 if fsdp and os.environ.get('RANK') is None:
     fail('fsdp = True shards the model across the processes that torchrun starts, and this run is one process: '
          'run it as torchrun --standalone --nproc_per_node=N train.py ... (N = 1 works too), or leave out --fsdp')
+if fsdp and 'async_save' not in given:
+    async_save = config['async_save'] = True
 if fsdp and dtype == 'float16':
     fail("dtype = 'float16' cannot be used with fsdp = True (its gradient scaler does not work on sharded gradients): "
          "use --dtype=bfloat16, or float32")

@@ -11,6 +11,7 @@ FSDP2 training and its sharded checkpoints, run as a user runs them: train.py --
 
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -74,10 +75,12 @@ def test_a_2_process_fsdp_run_saves_shards_that_every_tool_reads(sharded):
 
 @pytest.mark.parametrize('processes', [1, 4])
 def test_it_resumes_on_another_number_of_processes(sharded, processes):
+    import shutil
     root, _ = sharded
-    out = torchrun(root, processes, '--fsdp', True, '--resume_from', 'run', '--out_dir', f'run{processes}',
+    shutil.copytree(root / 'run', root / f'run{processes}') # resumed in place: the 2 shards are replaced by N
+    out = torchrun(root, processes, '--fsdp', True, '--resume_from', f'run{processes}', '--out_dir', f'run{processes}',
                    '--max_iters', 9, '--eval_interval', 4, '--gradient_accumulation_steps', 4)
-    assert 'loaded sharded checkpoint run (step 8)' in out and 'state carried over for 15 parameter tensors, fresh for 0' in out
+    assert f'loaded sharded checkpoint run{processes} (step 8)' in out and 'state carried over for 15 parameter tensors, fresh for 0' in out
     now, stored = resume_check(out)
     assert abs(now - stored) <= VAL_TOL, out[-3000:]
     ck = read_checkpoint(root / f'run{processes}')
@@ -187,10 +190,11 @@ def test_kill_9_of_one_process_during_a_sharded_save_loses_nothing(tmp_path, rec
                     '--eval_iters', 1, env=env, popen=True)
     try:
         lines = []
-        while not (line := proc.stdout.readline()).startswith('paused at'):
+        # (the save runs in a thread: its line may share a line with the training loop's output)
+        while not (paused := re.search(r'paused at \w+ pid (\d+)', line := proc.stdout.readline())):
             assert line, 'the run ended before its second save:\n' + ''.join(lines[-40:])
             lines.append(line)
-        os.kill(int(line.split()[-1]), signal.SIGKILL)
+        os.kill(int(paused.group(1)), signal.SIGKILL)
         proc.communicate(timeout=120) # torchrun stops the other process
     finally:
         proc.kill()
@@ -220,6 +224,16 @@ def test_kill_9_of_one_process_during_a_sharded_save_loses_nothing(tmp_path, rec
 # -----------------------------------------------------------------------------
 # a damaged or forged index
 
+class RunsCode:
+    """ unpickled, it would create the file `marker` """
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}',))
+
+
 def test_a_forged_index_is_refused_before_any_tensor_is_read(sharded, tmp_path):
     import shutil
     from torch.distributed.checkpoint import FileSystemReader
@@ -233,12 +247,13 @@ def test_a_forged_index_is_refused_before_any_tensor_is_read(sharded, tmp_path):
             info.relative_path = '../../outside.distcp'
         elif forge == 'huge':
             next(iter(metadata.state_dict_metadata.values())).size = torch.Size([10**6, 10**6])
-        data = pickle.dumps(metadata) if forge != 'class' else pickle.dumps(os.system) # a class no index names
+        data = pickle.dumps(metadata) if forge != 'class' else pickle.dumps(RunsCode(tmp_path / 'ran')) # code, not an index
         (copy / METADATA).write_bytes(data)
         (copy / MANIFEST_FILE).unlink() # a forger writes a matching manifest; none is the same for the reader
         with pytest.raises(CheckpointError) as error:
             read_checkpoint(copy).weights()
         assert words in str(error.value) and str(copy / METADATA) in str(error.value), str(error.value)
+    assert not (tmp_path / 'ran').exists() # the pickle's code never ran
 
 
 def script(cwd, name, *args):
@@ -258,6 +273,14 @@ def test_wrong_uses_of_a_sharded_checkpoint_are_named(sharded, tmp_path):
     code, out = script(tmp_path, 'convert_checkpoints.py', 'run', '--out', 'run', '--force')
     assert code == 1 and 'Traceback' not in out and 'names the checkpoint being read' in out, out
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    # a flipped bit in a shard: named by its checksum before any tensor is used
+    damaged = tmp_path / 'damaged'
+    shutil.copytree(run, damaged)
+    data = bytearray((damaged / '__1_0.distcp').read_bytes())
+    data[len(data) // 2] ^= 1
+    (damaged / '__1_0.distcp').write_bytes(bytes(data))
+    code, out = script(tmp_path, 'convert_checkpoints.py', 'damaged', '--to', 'bundle', 'out')
+    assert code == 1 and 'Traceback' not in out and '__1_0.distcp does not match its checksum' in out, out
     # a leftover of an interrupted save, inspected: named as such, with the checkpoint to read instead
     leftover = tmp_path / '.run.saving-4242'
     shutil.copytree(run, leftover)
