@@ -283,11 +283,12 @@ def save_bundle(checkpoint_dir, model, step, optimizer=None, tokenizer=None, bes
     def write_files(directory):
         save = lambda name, obj: save_tensors(os.path.join(directory, name), obj)
         save(MODEL_FILE, merged)
+        write_json_files(directory, model, tokenizer)
         if factors:
             save(ADAPTER_FILE, factors)
         if named is not None:
             save(OPTIMIZER_FILE, named)
-        write_json_files(directory, model, tokenizer, state)
+        write_json(os.path.join(directory, STATE_FILE), state) # last: it names the files written before it
 
     def commit():
         with save_errors(checkpoint_dir):
@@ -333,11 +334,12 @@ def training_state(model, step, best_val_loss, val_loss, run_config, extra_state
     }
 
 
-def write_json_files(directory, model, tokenizer, state):
+def write_json_files(directory, model, tokenizer, state=None):
     write_json(os.path.join(directory, CONFIG_FILE), config_to_json(model.config))
     if tokenizer is not None:
         write_json(os.path.join(directory, TOKENIZER_FILE), tokenizer)
-    write_json(os.path.join(directory, STATE_FILE), state)
+    if state is not None:
+        write_json(os.path.join(directory, STATE_FILE), state)
 
 
 def is_checkpoint_file(name):
