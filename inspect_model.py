@@ -41,7 +41,8 @@ def describe_optimizer(ck):
         return f'{name} (keyed by parameter name)' if name else 'none (deploy-only save)'
     if ck.kind == 'sharded':
         shards = ck.training_state['shards']
-        return (f"in the shards, keyed by parameter name (saved by {shards.get('processes')} processes)"
+        count = shards.get('processes')
+        return (f"in the shards, keyed by parameter name (saved by {count} process{'es' if count != 1 else ''})"
                 if 'optimizer' in ck.shard_parts() else 'none (deploy-only save)')
     if ck.kind in ('hf', 'peft'):
         return f"none (a {'Hugging Face directory' if ck.kind == 'hf' else 'peft adapter'} holds weights only)"

@@ -302,8 +302,11 @@ else:
                 else:
                     model_args[k] = config[k] = theirs
         model = GPT.on_meta(GPTConfig(**model_args)) # built without memory or init: the checkpoint fills it
-        if fsdp and ckpt.kind == 'sharded' and block_size >= ckpt.config.block_size:
-            shard_model(model, device_type, ptdtype) # sharded first: each process reads only its shards
+        # a sharded checkpoint goes into the model sharded first, each process reading its own shards, unless the load
+        # must crop the positions or start adapters afresh (their init needs the whole tensor: the universal path)
+        if fsdp and ckpt.kind == 'sharded' and block_size >= ckpt.config.block_size and (not model.config.uses_lora or (
+                'adapter' in ckpt.shard_parts() and all(model_args.get(k) == v for k, v in ckpt.trained_adapters().items()))):
+            shard_model(model, device_type, ptdtype)
             model.to_empty(device=device)
         report = ckpt.load_into(model)
     except (CheckpointError, CheckpointMismatchError) as e:
@@ -412,8 +415,8 @@ def interrupted(signum, frame):
         return
     try:
         wait_for_saves() # a save writing in the background commits first
-    except (CheckpointError, CheckpointMismatchError):
-        pass # the step on disk says what is there
+    except (CheckpointError, CheckpointMismatchError) as e:
+        log(f"note: {e}") # a background save that failed; the step on disk says what is there
     try:
         saved_step = read_checkpoint(out_dir).step if find_checkpoint(out_dir) else None
     except CheckpointError:

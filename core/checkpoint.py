@@ -300,16 +300,18 @@ def save_bundle(checkpoint_dir, model, step, optimizer=None, tokenizer=None, bes
         return checkpoint_dir
     # staged: the training loop changes its parameters and moments in place, the thread writes this copy
     merged, factors, named, state = staged(merged), staged(factors), staged(named), staged(state)
-    return in_background(commit, checkpoint_dir)
+    return in_background(commit, checkpoint_dir, step)
 
 
-def in_background(save, checkpoint_dir):
+def in_background(save, checkpoint_dir, step):
     """ save() in a thread, after the previous background save has finished """
     wait_for_saves()
     def run():
         try:
             save()
-        except BaseException as e: # said by the next save, or at the end of training
+        except CheckpointError as e: # said by the next save, or at the end of training: it names the step it was
+            SAVE_ERRORS.append(type(e)(f'the save of step {step} (written in the background) failed: {e}'))
+        except BaseException as e:
             SAVE_ERRORS.append(e)
     thread = threading.Thread(target=run, name=f'save {checkpoint_dir}') # not a daemon: exit waits for it
     thread.start()
@@ -395,7 +397,7 @@ def save_sharded(checkpoint_dir, model, step, optimizer=None, tokenizer=None, be
     if not background:
         save()
         return checkpoint_dir
-    return in_background(save, checkpoint_dir)
+    return in_background(save, checkpoint_dir, step)
 
 
 def staged(obj, copies=None):

@@ -302,3 +302,15 @@ def test_wrong_uses_of_a_sharded_checkpoint_are_named(sharded, tmp_path):
     (run / 'training_state.json').write_text(json.dumps(state))
     code, out = script(tmp_path, 'convert_checkpoints.py', 'run', '--to', 'bundle', 'out')
     assert code == 1 and 'Traceback' not in out and 'not a list of parameter groups' in out, out
+
+
+def test_fresh_adapters_under_fsdp_have_the_rank_asked_for(sharded):
+    # new factors are initialised on the whole tensor: when each process initialised its own shard from the same
+    # random stream, the halves of A were equal and a rank-8 adapter had rank 4
+    root, _ = sharded
+    out = torchrun(root, 2, '--fsdp', True, '--resume_from', 'run', '--out_dir', 'lora8', '--max_iters', 9,
+                   '--eval_interval', 4, '--attn_lora_rank', 8, '--mlp_lora_rank', 8)
+    assert 'adapters initialised fresh' in out and 'may not have complete support' not in out, out[-2000:]
+    factors = read_checkpoint(root / 'lora8').adapter_state()
+    for key in ('transformer.h.0.attn.c_attn.lora_A.weight', 'transformer.h.1.mlp.c_fc.lora_A.weight'):
+        assert torch.linalg.matrix_rank(factors[key].float()).item() == 8, key
