@@ -78,14 +78,23 @@ def test_it_resumes_on_another_number_of_processes(sharded, processes):
     import shutil
     root, _ = sharded
     shutil.copytree(root / 'run', root / f'run{processes}') # resumed in place: the 2 shards are replaced by N
+    # on 4 processes as LoRA rank 8: new factors are drawn on the whole tensor (when each process drew its own shard
+    # from one random stream, the shards of A were equal and a rank-8 adapter had rank 2 here)
+    lora = ('--attn_lora_rank', 8, '--mlp_lora_rank', 8) if processes == 4 else ()
     out = torchrun(root, processes, '--fsdp', True, '--resume_from', f'run{processes}', '--out_dir', f'run{processes}',
-                   '--max_iters', 9, '--eval_interval', 4, '--gradient_accumulation_steps', 4)
-    assert f'loaded sharded checkpoint run{processes} (step 8)' in out and 'state carried over for 15 parameter tensors, fresh for 0' in out
+                   '--max_iters', 9, '--eval_interval', 4, '--gradient_accumulation_steps', 4, *lora)
+    assert f'loaded sharded checkpoint run{processes} (step 8)' in out
+    assert ('state carried over for 15 parameter tensors, fresh for 0' in out) != bool(lora), out[-2000:]
     now, stored = resume_check(out)
     assert abs(now - stored) <= VAL_TOL, out[-3000:]
     ck = read_checkpoint(root / f'run{processes}')
     assert ck.step == 9 and ck.training_state['shards']['processes'] == processes
     assert sorted(n for n in ck.manifest['files'] if n.endswith('.distcp')) == [f'__{r}_0.distcp' for r in range(processes)]
+    if lora:
+        assert 'adapters initialised fresh' in out and 'may not have complete support' not in out, out[-2000:]
+        factors = ck.adapter_state()
+        for key in ('transformer.h.0.attn.c_attn.lora_A.weight', 'transformer.h.1.mlp.c_fc.lora_A.weight'):
+            assert torch.linalg.matrix_rank(factors[key].float()).item() == 8, key
 
 
 FSDP_LOGITS = '''
@@ -303,14 +312,3 @@ def test_wrong_uses_of_a_sharded_checkpoint_are_named(sharded, tmp_path):
     code, out = script(tmp_path, 'convert_checkpoints.py', 'run', '--to', 'bundle', 'out')
     assert code == 1 and 'Traceback' not in out and 'not a list of parameter groups' in out, out
 
-
-def test_fresh_adapters_under_fsdp_have_the_rank_asked_for(sharded):
-    # new factors are initialised on the whole tensor: when each process initialised its own shard from the same
-    # random stream, the halves of A were equal and a rank-8 adapter had rank 4
-    root, _ = sharded
-    out = torchrun(root, 2, '--fsdp', True, '--resume_from', 'run', '--out_dir', 'lora8', '--max_iters', 9,
-                   '--eval_interval', 4, '--attn_lora_rank', 8, '--mlp_lora_rank', 8)
-    assert 'adapters initialised fresh' in out and 'may not have complete support' not in out, out[-2000:]
-    factors = read_checkpoint(root / 'lora8').adapter_state()
-    for key in ('transformer.h.0.attn.c_attn.lora_A.weight', 'transformer.h.1.mlp.c_fc.lora_A.weight'):
-        assert torch.linalg.matrix_rank(factors[key].float()).item() == 8, key
