@@ -448,7 +448,7 @@ class Checkpoint:
         self.notes, self.lora_alpha, self.manifest = list(notes), lora_alpha, manifest
         self.details = details # a checkpoint that is not a GPT: its own config.json, for reports
         self._weights, self._optimizer, self._adapters = weights, optimizer, adapters
-        self._checked, self._shards, self._parts = False, None, None
+        self._checked, self._shards, self._index = False, None, None
 
     @property
     def title(self):
@@ -466,16 +466,20 @@ class Checkpoint:
     def shards(self):
         """ a sharded checkpoint's checked index (its files verified once) """
         if self._shards is None:
-            self._shards = open_shards(self.path, self.manifest)
+            self._shards = open_shards(self.path, self.manifest, self.shard_index())
         return self._shards
 
     def shard_parts(self):
         """ the parts a sharded checkpoint holds, by DCP's index (training_state.json's list may be edited) """
         if self.kind != 'sharded':
             return []
-        if self._parts is None:
-            self._parts = sorted({key.split('/', 1)[0] for key in read_metadata(self.path, self.manifest)[1]})
-        return self._parts
+        return sorted({key.split('/', 1)[0] for key in self.shard_index()[1]})
+
+    def shard_index(self):
+        """ DCP's checked index of a sharded checkpoint, read once """
+        if self._index is None:
+            self._index = read_metadata(self.path, self.manifest)
+        return self._index
 
     def load_file(self, name):
         if not is_plain_name(name): # training_state.json names its files: they must stay inside the checkpoint

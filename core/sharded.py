@@ -228,12 +228,12 @@ def read_metadata(directory, manifest):
     return metadata, tensors
 
 
-def open_shards(directory, manifest):
+def open_shards(directory, manifest, index=None):
     """
     The checked index, with every shard file verified against the manifest (once per checkpoint read). Under a
     process group every process reads the checkpoint: each verifies a share of the files, and a damaged one stops all.
     """
-    metadata, tensors = read_metadata(directory, manifest)
+    metadata, tensors = index or read_metadata(directory, manifest) # (read_metadata's, when the caller has it)
     names = sorted({e.relative_path for e in metadata.storage_data.values()})
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     error = None
