@@ -403,11 +403,11 @@ class GPT(nn.Module):
             loss, batch = train_step(self, optimizer, batch, lambda: next(batches, batch), grad_clip=grad_clip)
             losses.append(loss)
             if log_interval and step % log_interval == 0:
-                print(f"step {step}: loss {loss:.4f}")
+                print(f"step {step}: loss {loss.item():.4f}")
             done = step + 1
             if checkpoint_dir and ((save_interval and done % save_interval == 0) or done == max_iters):
                 save_checkpoint(checkpoint_dir, self, optimizer, done, None, None)
-        return losses
+        return [loss.item() for loss in losses] # read once, at the end: each .item() waits for the GPU
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_size=None):

@@ -389,14 +389,20 @@ if wandb_log and master_process:
     except SetupError as e:
         fail(e)
 
+def evaluation_due(it):
+    return it % eval_interval == 0 or it >= max_iters
+
 def next_train_batch():
-    # remember the random state each batch is drawn from: a checkpoint stores the one of the pending batch
+    # a checkpoint stores the random state its pending batch was drawn from, so that a resume draws that batch again.
+    # The state is read only in a step that an evaluation (and so perhaps a save) follows, not in every step
     global rng_before_batch
-    rng_before_batch = rng_state()
+    if evaluation_due(iter_num + 1):
+        rng_before_batch = rng_state()
     return get_batch('train')
 
 # training loop
-X, Y = next_train_batch() # fetch the very first batch
+rng_before_batch = rng_state() # (a resume's first evaluation may save before any step)
+X, Y = get_batch('train') # fetch the very first batch
 t0 = time.time()
 local_iter_num = 0 # number of iterations in the lifetime of this process
 raw_model = model.module if ddp and not fsdp else model # unwrap DDP container if needed
@@ -434,7 +440,7 @@ while True:
 
     # evaluate the loss on train/val sets and write checkpoints (also right after a resume)
     # (under FSDP every process takes part: each holds a shard of the model)
-    if (iter_num % eval_interval == 0 or iter_num >= max_iters or (ckpt is not None and local_iter_num == 0)) and (master_process or fsdp):
+    if (evaluation_due(iter_num) or (ckpt is not None and local_iter_num == 0)) and (master_process or fsdp):
         losses = estimate_loss(model, get_batch, eval_iters, ctx)
         if fsdp: # the same batches everywhere; the first process's numbers decide, so every process saves or none
             losses = [losses]
@@ -475,7 +481,7 @@ while True:
         break
 
     # forward backward update, with optional gradient accumulation to simulate larger batch size
-    lossf, (X, Y) = train_step(model, optimizer, (X, Y), next_train_batch, gradient_accumulation_steps,
+    loss, (X, Y) = train_step(model, optimizer, (X, Y), next_train_batch, gradient_accumulation_steps,
                                scaler, ctx, grad_clip, ddp and not fsdp)
 
     # timing and logging
@@ -483,6 +489,7 @@ while True:
     dt = t1 - t0
     t0 = t1
     if iter_num % log_interval == 0 and master_process:
+        lossf = loss.item() # a wait for the GPU: read only when logged, as in nanoGPT
         if local_iter_num >= 5: # let the training loop settle a bit
             mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt)
             running_mfu = mfu if running_mfu == -1.0 else 0.9*running_mfu + 0.1*mfu

@@ -35,7 +35,8 @@ def train_step(model, optimizer, batch, next_batch, grad_accum_steps=1, scaler=N
     """
     One optimizer step over grad_accum_steps micro-batches. `batch` is the (X, Y) already fetched;
     next_batch() fetches the following one while the GPU is busy, as nanoGPT does. Returns
-    (loss of the last micro-batch, unscaled by accumulation; the batch prefetched for the next step).
+    (loss of the last micro-batch, unscaled by accumulation, as a tensor; the batch prefetched for the next step).
+    The loss stays a tensor: reading it (.item()) waits for the GPU, so the caller reads it only when it logs.
     """
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     X, Y = batch
@@ -57,7 +58,7 @@ def train_step(model, optimizer, batch, next_batch, grad_accum_steps=1, scaler=N
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss.item() * grad_accum_steps, (X, Y)
+    return loss.detach() * grad_accum_steps, (X, Y)
 
 
 @torch.no_grad()
