@@ -197,6 +197,7 @@ MUTANTS = [
      "the save stores the current random state, not the pending batch's"),
     ('core/training.py', "if scaler is not None and scaler.is_enabled():", "if scaler is not None:",
      "a disabled scaler's empty state saved"),
+    ('core/checkpoint.py', "write::done.wait()", "pass", "model.pt written before its LoRA merges are done"),
     ('train.py', "if evaluation_due(iter_num + 1):", "if evaluation_due(iter_num):",
      "the random state read a step early: a resume draws another batch than the interrupted run"),
 ]

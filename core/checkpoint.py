@@ -27,6 +27,7 @@ import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from model import (ADAPTER_FIELDS, ADAPTER_RANKS, GPT, CheckpointMismatchError, GPTConfig, is_lora_factor, load_universal_state_dict,
@@ -63,17 +64,61 @@ def read_json(path):
         raise CheckpointError(f'{path} is not valid JSON ({e}); expected the JSON object this toolkit writes') from None
 
 
-def save_tensors(path, obj):
+def save_tensors(path, obj, deferred=()):
     """
     torch.save, crash-safe, without the zip format's CRC32 of every record: it made writes 1.3x slower here, and the
     manifest's xxh3 checksum covers every byte anyway (torch.load doesn't need the CRC; unzip would warn).
+    deferred: (tensor of obj, job that fills it) pairs, e.g. LoRA merges: they run in a thread while the file is
+    written, and a tensor's bytes are written once its job is done, so the file is the one torch.save writes after
+    them. (Without a CRC the zip writer reads a tensor's bytes only when it writes them; torch writes the tensors in
+    the dict's order, the order the jobs run in.)
     """
     previous = torch.serialization.get_crc32_options()
     torch.serialization.set_crc32_options(False)
     try:
-        atomic_write(path, lambda f: torch.save(obj, f))
+        atomic_write(path, lambda f: save_while_computing(obj, deferred, f) if deferred else torch.save(obj, f))
     finally:
         torch.serialization.set_crc32_options(previous)
+
+
+def save_while_computing(obj, deferred, f):
+    done = [threading.Event() for _ in deferred]
+    errors = []
+    def compute():
+        for (_, job), event in zip(deferred, done):
+            try:
+                if not errors:
+                    job()
+            except BaseException as e: # raised below, after torch.save: the file is then discarded
+                errors.append(e)
+            event.set()
+    thread = threading.Thread(target=compute, name=f'merge for {f}')
+    thread.start()
+    try:
+        torch.save(obj, HoldBack(f, [(t.data_ptr(), t.data_ptr() + t.nbytes, e) for (t, _), e in zip(deferred, done)]))
+    finally:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+class HoldBack:
+    """ a file for torch.save: a write of bytes that lie in a pending tensor waits until its job is done """
+
+    def __init__(self, f, pending):
+        self.f, self.pending = f, pending # [(start address, end address, done event)]
+
+    def write(self, data):
+        view = memoryview(data)
+        if view.nbytes and self.pending:
+            start = np.frombuffer(view.cast('B'), np.uint8).ctypes.data
+            for lo, hi, done in self.pending:
+                if lo < start + view.nbytes and start < hi:
+                    done.wait()
+        return self.f.write(data)
+
+    def flush(self):
+        return self.f.flush() if hasattr(self.f, 'flush') else None
 
 
 def load_tensors(path, map_location='cpu', mmap=False):
@@ -269,7 +314,10 @@ def save_bundle(checkpoint_dir, model, step, optimizer=None, tokenizer=None, bes
     and commit run in a thread, after the previous background save has finished (wait_for_saves() waits for
     them and raises their error, as the next background save does). The bytes on disk are the same.
     """
-    merged = model.get_merged_state_dict()  # raises on NaN/inf before anything is written
+    # the LoRA merges of a synchronous save run while model.pt is written (a NaN/inf one fails the save: nothing is
+    # replaced); a background save merges first, since the training loop goes on changing the weights
+    deferred = [] if not background else None
+    merged = model.get_merged_state_dict(deferred)
     tokenizer = tokenizer or getattr(model, 'tokenizer_spec', None)
     factors = {k: v for k, v in model.state_dict().items() if is_lora_factor(k)}
     if isinstance(optimizer, dict) and all(isinstance(n, str) for g in optimizer['param_groups'] for n in g['params']):
@@ -281,8 +329,8 @@ def save_bundle(checkpoint_dir, model, step, optimizer=None, tokenizer=None, bes
                            adapter_file=ADAPTER_FILE if factors else None)
 
     def write_files(directory):
-        save = lambda name, obj: save_tensors(os.path.join(directory, name), obj)
-        save(MODEL_FILE, merged)
+        save = lambda name, obj, deferred=(): save_tensors(os.path.join(directory, name), obj, deferred)
+        save(MODEL_FILE, merged, deferred)
         write_json_files(directory, model, tokenizer)
         if factors:
             save(ADAPTER_FILE, factors)

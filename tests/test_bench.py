@@ -35,3 +35,10 @@ def test_fsdp_benchmark_tiny_runs_and_reports_every_row(tmp_path):
     for row in rows.values():
         assert row['processes'] == 2 and row['seconds'] > 0 and math.isfinite(row['vs_bundle']) and row['peak_bytes'] >= 0
         assert row['what'] in out
+
+
+def test_the_resume_pictures_claims_hold(tmp_path):
+    # the numbers behind bench/plot_resume.py's picture (the README shows it): the same runs, without the drawing
+    from bench.plot_resume import check_claims, collect
+    claims = check_claims(collect(tmp_path))
+    assert len(claims) == 8 and all(holds for _, holds, _ in claims), '\n'.join(map(str, claims))

@@ -12,7 +12,7 @@ import pickle
 import pytest
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, CheckpointMismatchError, GPTConfig
 from core.checkpoint import (CheckpointError, CheckpointManager, apply_optimizer_state, named_optimizer_state,
                              positional_names, read_checkpoint, read_meta_pkl, rng_state, save_bundle, set_rng_state)
 from core.training import estimate_loss, get_lr, save_checkpoint, set_lr, train_step
@@ -34,6 +34,33 @@ def trained_model(**overrides):
 
 def sha(path):
     return hashlib.sha256(open(path, 'rb').read()).hexdigest()
+
+
+def test_the_lora_merge_overlapped_with_the_write_gives_the_same_bytes(tmp_path):
+    # save_bundle merges the LoRA weights while model.pt is being written: the file must be the one torch.save
+    # writes of the merges done first (checked with enough weights that the writer really waits for some)
+    from core.checkpoint import save_tensors
+    model, optimizer, _ = trained_model(n_layer=4, n_embd=64, attn_lora_rank=4, mlp_lora_rank=4, embedding_mode='lora',
+                                        embedding_rank=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if 'lora_B' in name:
+                p.normal_() # a real update, so an unmerged or half-merged weight would show
+    save_bundle(tmp_path / 'overlapped', model, 2, optimizer)
+    save_tensors(tmp_path / 'first.pt', model.get_merged_state_dict())
+    assert sha(tmp_path / 'overlapped' / 'model.pt') == sha(tmp_path / 'first.pt')
+
+
+def test_a_diverged_adapter_fails_the_save_and_keeps_the_last_checkpoint(tmp_path):
+    model, optimizer, _ = trained_model(attn_lora_rank=2)
+    save_bundle(tmp_path / 'run', model, 2, optimizer)
+    before = {p.name: sha(p) for p in (tmp_path / 'run').iterdir()}
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_proj.lora_B.weight[0, 0] = float('nan')
+    with pytest.raises(CheckpointMismatchError, match='NaN/inf'):
+        save_bundle(tmp_path / 'run', model, 3, optimizer)
+    assert {p.name: sha(p) for p in (tmp_path / 'run').iterdir()} == before # and nothing left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['run']
 
 
 def test_bundle_layout_and_contents(tmp_path):
