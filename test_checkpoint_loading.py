@@ -15,7 +15,7 @@ import traceback
 
 import torch
 
-from model import GPTBatched, GPTFlexAttention, CheckpointMismatchError
+from model import GPTBatched, GPTFlexAttention, CheckpointMismatchError, Rotary, meta_device
 from load_checkpoint_helper import (ModdedCheckpointError, inspect_checkpoint, load_pretrained_checkpoint,
                                     make_random_checkpoint, read_state_dict)
 from core.args import Parser
@@ -37,7 +37,7 @@ def verify(path, num_heads=None):
     print('[1/3] Inspecting checkpoint')
     info, _ = inspect_checkpoint(path, num_heads, verbose=True)
     print('\n[2/3] Loading strictly into GPTBatched')
-    model, info, _ = load_pretrained_checkpoint(path, 'cpu', num_heads, verbose=False)
+    model, info = load_pretrained_checkpoint(path, 'cpu', num_heads, verbose=False)[:2] # (not the file's dict: it maps the file)
     n = sum(p.numel() for p in model.parameters())
     how = 'converted from the small layout, run by the small rules' if info['layout'] == 'small' else 'medium layout, loaded directly'
     print(f"  {len(model.state_dict())} tensors, {n / 1e6:.2f}M parameters; lm head dropped (fine-tuning adds its own); "
@@ -58,21 +58,31 @@ def verify(path, num_heads=None):
     print(f"  features {list(features.shape)}, all finite, mean |x| {features.abs().mean():.3f}; "
           f"padding changes real positions by {pad_diff:.1e}")
     if info['layout'] == 'small': # the conversion must compute what the small model computes
-        flex, diff = small_model_and_difference(path, info, idx)
+        del model # (one model at a time: the peak stays under 2x the file's tensors, bench/bench_checkpoint.py)
+        flex, diff = small_model_and_difference(path, info, idx, features)
         print(f'  GPTFlexAttention vs converted GPTBatched: max |features difference| {diff:.1e}')
         if diff > FEATURE_TOLERANCE:
             raise ModdedCheckpointError(f'{path}: the converted model differs from the small model by {diff:.2e}')
     return info
 
 
-def small_model_and_difference(path, info, idx):
+def small_model_and_difference(path, info, idx, converted=None):
+    """
+    train_gpt_small.py's own model, loaded from the file, and its largest difference from the converted GPTBatched:
+    from the features `converted` gave for idx, else from GPTBatched.from_pretrained_gpt of it. Built on the meta
+    device and given the file's mapped tensors (fp32 ones shared, bf16 ones widened), so it costs what the load does.
+    """
     _, sd = read_state_dict(path)
-    flex = GPTFlexAttention(info['vocab_size'], info['num_layers'], info['num_heads'], info['model_dim'], 1024, info['head_dim'])
+    with meta_device():
+        flex = GPTFlexAttention(info['vocab_size'], info['num_layers'], info['num_heads'], info['model_dim'], 1024,
+                                info['head_dim'])
     sd = {**sd, 'scalars': sd['scalars'][:info['scalars_used']]}
-    flex.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
-    batched = GPTBatched.from_pretrained_gpt(flex)
+    flex.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
+    flex.rotary = Rotary(info['head_dim'], 1024) # its tables are not in the file
     with torch.no_grad():
-        return flex, (flex.forward_features(idx) - batched.forward_features(idx)).abs().max().item()
+        if converted is None:
+            converted = GPTBatched.from_pretrained_gpt(flex).forward_features(idx)
+        return flex, (flex.forward_features(idx) - converted).abs().max().item()
 
 
 def main():

@@ -94,14 +94,16 @@ def classic_load(directory, config):
     return model
 
 
-def peak_rss_of(code):
-    """ peak resident memory growth (bytes) while `code` runs in a fresh process, after its imports """
+def peak_rss_of(code, touch=True):
+    """ peak resident memory growth (bytes) while `code` runs in a fresh process, after its imports; touch: and
+    while every weight of the model `m` it makes is read """
     script = ('import sys, torch; sys.path.insert(0, %r)\n' % str(REPO) +
               'from core.checkpoint import read_checkpoint\nimport bench.bench_checkpoint as b\n'
               'def status(key): return int([l for l in open("/proc/self/status") if l.startswith(key)][0].split()[1]) * 1024\n'
               'open("/proc/self/clear_refs", "w").write("5")  # the high-water mark starts again from here\n'
               'base = status("VmRSS")\n' + code +
-              '\nwith torch.no_grad(): touched = sum(float(p.sum()) for p in m.parameters())  # every weight in memory\n'
+              ('\nwith torch.no_grad(): touched = sum(float(p.sum()) for p in m.parameters())  # every weight in memory\n'
+               if touch else '\n') +
               'print(status("VmHWM") - base)')
     out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=REPO)
     if out.returncode:
@@ -229,6 +231,14 @@ def main(size, out_json=None):
     t_convert, (backbone, _, _) = best_time(lambda: load_pretrained_checkpoint(modded, num_heads=heads, verbose=False))
     row('modded small -> GPTBatched (load + convert)', t_convert, 'plain torch.load of the file',
         best_time(lambda: torch.load(modded, weights_only=True))[0])
+    file_tensors = sum(v.nbytes for v in torch.load(modded, weights_only=True, mmap=True)['model'].values())
+    rss_check = peak_rss_of(f'import test_checkpoint_loading as t; t.verify({str(modded)!r}, {heads})', touch=False)
+    row('test_checkpoint_loading.py on it, peak RSS growth', rss_check / 1e6, 'tensors in the file', file_tensors / 1e6,
+        target=('<=', 2), unit='MB')
+    rss_finetune = peak_rss_of('from load_checkpoint_helper import load_pretrained_checkpoint\n'
+                               f'm = load_pretrained_checkpoint({str(modded)!r}, num_heads={heads}, verbose=False)[0]')
+    row("  finetune_hindi_xnli.py's load of it, every weight read", rss_finetune / 1e6, 'tensors in the file',
+        file_tensors / 1e6, target=('<=', 2), unit='MB')
 
     # training: a LoRA step against a standard step, same base model
     batch = torch.randint(0, config['vocab_size'], spec['step'])
