@@ -39,6 +39,9 @@ PARSE_ONLY = {
     'torchrun --standalone --nproc_per_node=8 ': 'needs 8 GPUs',
     'torchrun --nproc_per_node=8 --nnodes=2 ': 'needs two GPU nodes',
     'python bench/bench_checkpoint.py --size gpt2': 'about 3 minutes; --size tiny runs the same code',
+    'python bench/bench_checkpoint.py --size tiny': 'tests/test_bench.py runs it and checks every row',
+    'python bench/bench_fsdp.py': 'tests/test_bench.py runs --size tiny --procs 2 and checks every row; gpt2 takes '
+                                  'minutes',
     'python bench/plot_resume.py': 'tests/test_bench.py runs the same runs and asserts its claims (drawing them needs '
                                    'matplotlib, requirements-bench.txt)',
     'python bench/gpu_check.py --device cuda': 'needs a GPU; --device cpu runs the same script at tiny sizes',
@@ -49,7 +52,7 @@ PARSE_ONLY = {
     'python finetune_hindi_xnli.py --dataset hindi_xnli --pretrained_ckpt_path best_state_step010000':
         "the users' GPT-2-small run on their own files; the next example runs the same script on generated ones",
 }
-EXPECTED = dict(run=56, parse_only=12, installed=4, snippets=6, expected_failures=3)
+EXPECTED = dict(run=55, parse_only=15, installed=4, snippets=6, expected_failures=3)
 KEY_LINE = re.compile(r'^(Format:|resume check|=== |fault injection summary|fault class|Location:|Trained with adapters:|'
                       r'Optimizer state:|OK:|FAILED:|error:)|\|diff\||\|logits difference\||\|features difference\|')
 
