@@ -155,6 +155,16 @@ def main():
     parser = argparse.ArgumentParser(description='Plot resume continuity and check its claims.')
     parser.add_argument('--out', default='resume.png', help='the picture (PNG)')
     args = parser.parse_args()
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder) or not args.out.lower().endswith('.png'):
+        sys.exit(f'error: --out {args.out}: expected a .png file in an existing folder ({folder} '
+                 f"{'exists' if os.path.isdir(folder) else 'does not exist'}); the runs take about a minute, so this "
+                 'is checked first')
+    try:
+        import matplotlib # noqa: F401 (checked before the runs, not after them)
+    except ImportError:
+        sys.exit('error: bench/plot_resume.py draws with matplotlib, which is not installed: '
+                 'pip install -r requirements-bench.txt')
     with tempfile.TemporaryDirectory(prefix='plot_resume-') as work:
         data = collect(work)
     claims = check_claims(data)
