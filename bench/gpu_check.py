@@ -13,7 +13,6 @@ compiled graph, LoRA's extra path): at most one rounding step of the dtype, rela
 (8 significant bits), 2^-11 for float16. On a CPU train.py computes in float32 whatever --dtype says.
 """
 
-import argparse
 import json
 import os
 import re
@@ -33,7 +32,9 @@ sys.path.insert(0, str(REPO))
 import torch
 
 from model import GPT, GPTConfig
+from core.args import Parser
 from core.checkpoint import CheckpointManager, read_checkpoint, rng_state, save_bundle
+from core.cli import SetupError, check_device
 from core.training import train_step
 from data.prepare import prepare
 from load_checkpoint_helper import load_pretrained_checkpoint, make_random_checkpoint
@@ -339,14 +340,18 @@ def speed(device, size, work):
 
 
 def main():
-    parser = argparse.ArgumentParser(description='Check the GPU path end to end; print checks and figures.')
+    parser = Parser(description='Check the GPU path end to end; print checks and figures.')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--keep', action='store_true', help='keep the work folder (printed) for a look')
     args = parser.parse_args()
     device, cuda = args.device, args.device.startswith('cuda')
-    if cuda and not torch.cuda.is_available():
-        sys.exit(f'error: --device {device}: no CUDA device is visible here (torch {torch.__version__}); '
-                 'run with --device cpu for the smoke test')
+    try:
+        check_device(device)
+    except SetupError as e:
+        sys.exit(f'error: {e}')
+    if not (cuda or device == 'cpu'):
+        sys.exit(f"error: --device {device!r}: this script checks the CUDA path (--device cuda, cuda:N), or runs as a "
+                 "smoke test with --device cpu")
     torch.backends.cuda.matmul.allow_tf32 = False # fp32 comparisons mean fp32 here
     torch.backends.cudnn.allow_tf32 = False
     name = torch.cuda.get_device_name(device) if cuda else 'CPU'

@@ -13,7 +13,6 @@ asserts them, the picture only shows them.
 $ pip install -r requirements-bench.txt && python bench/plot_resume.py      # about a minute on 2 cores; resume.png
 """
 
-import argparse
 import os
 import re
 import shutil
@@ -23,6 +22,10 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from core.args import Parser
+
 N, K, M = 40, 20, 30 # steps in all, the interruption, the rank change of (d)
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_iters=5',
         '--gradient_accumulation_steps=2', '--log_interval=1', '--warmup_iters=5', '--lr_decay_iters=100',
@@ -152,7 +155,7 @@ def plot(data, path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description='Plot resume continuity and check its claims.')
+    parser = Parser(description='Plot resume continuity and check its claims.')
     parser.add_argument('--out', default='resume.png', help='the picture (PNG)')
     args = parser.parse_args()
     folder = os.path.dirname(os.path.abspath(args.out))
