@@ -38,6 +38,7 @@ from core.cli import SetupError, check_device
 from core.training import train_step
 from data.prepare import prepare
 from load_checkpoint_helper import load_pretrained_checkpoint, make_random_checkpoint
+from tests.helpers import resume_check
 from bench.bench_checkpoint import evict, raw_write, read_pass
 
 SIZES = { # the chain's model and batches (train.py's flags), the figures' model and batch
@@ -81,9 +82,12 @@ def flags(**kw):
 
 
 def resume_diff(out):
-    """ (|val loss now - val loss stored|, stored) from train.py's resume check line """
-    m = re.search(r'resume check: val loss ([\d.]+) now, ([\d.]+) stored', out)
-    return (abs(float(m[1]) - float(m[2])), float(m[2])) if m else (float('inf'), float('nan'))
+    """ (|val loss now - val loss stored|, stored) from train.py's resume check line; (inf, nan) without one """
+    try:
+        now, stored = resume_check(out)
+    except StopIteration:
+        return float('inf'), float('nan')
+    return abs(now - stored), stored
 
 
 class Reported(Exception):

@@ -13,6 +13,7 @@ asserts them, the picture only shows them.
 $ pip install -r requirements-bench.txt && python bench/plot_resume.py      # about a minute on 2 cores; resume.png
 """
 
+import importlib.util
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from core.args import Parser
+from tests.helpers import resume_check
 
 N, K, M = 40, 20, 30 # steps in all, the interruption, the rank change of (d)
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_iters=5',
@@ -60,12 +62,6 @@ def train(work, *args, processes=1, hook=None, ok=True):
     return {int(i): float(x) for i, x in re.findall(r'^iter (\d+): loss ([\d.]+)', out, re.M)}, out
 
 
-def stored_vs_now(out):
-    """ |first evaluation after the resume - the evaluation stored in the checkpoint| """
-    m = re.search(r'resume check: val loss ([\d.]+) now, ([\d.]+) stored', out)
-    return abs(float(m[1]) - float(m[2]))
-
-
 def collect(work):
     """ every run's losses by step, and the resume checks: {name: (losses, |val now - stored|)} """
     work = Path(work)
@@ -94,7 +90,8 @@ def collect(work):
     for name, (losses, text) in runs.items():
         if name.startswith('(c)'):
             losses = {**losses, **c_on[0]} # the LoRA run goes on past M with the same config
-        out[name] = (losses, stored_vs_now(text))
+        now, stored = resume_check(text) # |first evaluation after the resume - the one stored|
+        out[name] = (losses, abs(now - stored))
     return out
 
 
@@ -163,9 +160,7 @@ def main():
         sys.exit(f'error: --out {args.out}: expected a .png file in an existing folder ({folder} '
                  f"{'exists' if os.path.isdir(folder) else 'does not exist'}); the runs take about a minute, so this "
                  'is checked first')
-    try:
-        import matplotlib # noqa: F401 (checked before the runs, not after them)
-    except ImportError:
+    if importlib.util.find_spec('matplotlib') is None: # checked before the runs, not after them
         sys.exit('error: bench/plot_resume.py draws with matplotlib, which is not installed: '
                  'pip install -r requirements-bench.txt')
     with tempfile.TemporaryDirectory(prefix='plot_resume-') as work:
