@@ -4,13 +4,12 @@ Helpers shared by the test files: run the real scripts as a user would, and buil
 
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 from model import GPT, GPTConfig
+from tests.launcher import run_python
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared'
@@ -23,8 +22,7 @@ def run_script(script, *args, cwd, ok=True):
     env = {**os.environ, 'PYTHONPATH': str(REPO)}
     if (SHARED / 'data' / 'tiktoken_cache').is_dir():
         env.setdefault('TIKTOKEN_CACHE_DIR', str(SHARED / 'data' / 'tiktoken_cache'))
-    proc = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_python([REPO / script, *args], cwd=cwd, env=env)
     out = proc.stdout + proc.stderr
     if ok and proc.returncode != 0:
         raise AssertionError(f'{script} {" ".join(map(str, args))} exited {proc.returncode}:\n{out[-3000:]}')

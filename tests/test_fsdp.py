@@ -23,6 +23,7 @@ from core.checkpoint import CheckpointError, find_checkpoint, read_checkpoint
 from core.commit import MANIFEST_FILE, SAVING, verify_file
 from core.sharded import METADATA
 from tests.helpers import REPO, TINY_CONFIG, resume_check
+from tests.launcher import run_python
 
 pytestmark = pytest.mark.xdist_group('fsdp') # the module's 2-process run is made once, in one worker
 VAL_TOL, LOGITS_TOL = 1e-4, 1e-5
@@ -67,8 +68,7 @@ def test_a_2_process_fsdp_run_saves_shards_that_every_tool_reads(sharded):
     assert all(s['step'].item() == 8 for s in named['state'].values())
     assert [g['weight_decay'] for g in named['param_groups']] == [0.1, 0.0]
     # the tools read it as they read a bundle
-    result = subprocess.run([sys.executable, str(REPO / 'inspect_model.py'), '--checkpoint', 'run'], cwd=root,
-                            capture_output=True, text=True)
+    result = run_python([REPO / 'inspect_model.py', '--checkpoint', 'run'], root, os.environ)
     assert result.returncode == 0 and 'Sharded checkpoint (FSDP' in result.stdout and 'Warning' not in result.stderr
     assert 'in the shards, keyed by parameter name (saved by 2 processes)' in result.stdout, result.stdout
 
@@ -137,8 +137,8 @@ def test_the_consolidated_bundle_has_the_fsdp_models_logits(tmp_path):
     (tmp_path / 'fsdp_logits.py').write_text(FSDP_LOGITS)
     torchrun(tmp_path, 2, 'lora', script=tmp_path / 'fsdp_logits.py', config=None)
     expected = torch.load(tmp_path / 'lora.logits.pt', weights_only=True)
-    result = subprocess.run([sys.executable, str(REPO / 'convert_checkpoints.py'), 'lora', '--to', 'bundle', 'bundle'],
-                            cwd=tmp_path, capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': str(REPO)})
+    result = run_python([REPO / 'convert_checkpoints.py', 'lora', '--to', 'bundle', 'bundle'], tmp_path,
+                        {**os.environ, 'PYTHONPATH': str(REPO)})
     assert result.returncode == 0 and 'Warning' not in result.stderr, result.stdout + result.stderr
     bundle = read_checkpoint(tmp_path / 'bundle')
     assert bundle.kind == 'bundle' and (tmp_path / 'bundle' / 'adapter.pt').is_file() # the factors carried along
@@ -223,9 +223,8 @@ def test_kill_9_of_one_process_during_a_sharded_save_loses_nothing(tmp_path, rec
     assert step == expected and moments == 15, step
     if (rank, point) in (('0', 'swap'), ('1', 'shard')): # the next save clears what the killed one left (rank 0's kill
                                                           # at a shard leaves what rank 1's does)
-        out = subprocess.run([sys.executable, str(REPO / 'train.py'), TINY_CONFIG, '--resume_from', 'run', '--out_dir',
-                              'run', '--max_iters', str(expected + 1), '--eval_iters', '1'], cwd=tmp_path, capture_output=True,
-                             text=True, env={**os.environ, 'PYTHONPATH': str(REPO)}).stdout
+        out = run_python([REPO / 'train.py', TINY_CONFIG, '--resume_from', 'run', '--out_dir', 'run', '--max_iters',
+                          expected + 1, '--eval_iters', 1], tmp_path, {**os.environ, 'PYTHONPATH': str(REPO)}).stdout
         assert f'(step {expected})' in out and read_checkpoint(tmp_path / 'run').step == expected + 1, out[-2000:]
         assert ('recovered' in out) == (point == 'swap'), out[-2000:]
         assert [p.name for p in tmp_path.iterdir() if SAVING in p.name or '.previous-' in p.name] == []
@@ -267,8 +266,7 @@ def test_a_forged_index_is_refused_before_any_tensor_is_read(sharded, tmp_path):
 
 
 def script(cwd, name, *args):
-    proc = subprocess.run([sys.executable, str(REPO / name), *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, 'PYTHONPATH': str(REPO)})
+    proc = run_python([REPO / name, *args], cwd, {**os.environ, 'PYTHONPATH': str(REPO)})
     return proc.returncode, proc.stdout + proc.stderr
 
 

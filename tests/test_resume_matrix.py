@@ -39,6 +39,7 @@ from core.checkpoint import read_checkpoint, save_bundle
 from data.prepare import load_meta, prepare
 from model import GPT, GPTConfig
 from tests.helpers import REPO, TINY_CONFIG, make_nanogpt_checkpoint, make_peft_adapter
+from tests.launcher import run_python
 
 pytestmark = [
     pytest.mark.xdist_group('resume_matrix'), # with --dist loadgroup the module's sources are built once
@@ -125,7 +126,8 @@ def run(cwd, *args, processes=1, script='train.py', config=TINY_CONFIG):
     # unbuffered: two processes write one pipe, and block-buffered output would interleave mid-line
     env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
     t0 = time.time()
-    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = (run_python(command[1:], cwd, env, timeout=300) if processes == 1 else
+            subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300))
     shown = ('torchrun --standalone --nproc_per_node=2 ' if processes > 1 else 'python ') + ' '.join(
         [script] + (['TINY_CONFIG'] if config else []) + [str(a) for a in args])
     return Run(shown, proc.returncode, proc.stdout + proc.stderr, time.time() - t0)

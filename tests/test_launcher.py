@@ -1,0 +1,54 @@
+"""
+tests/launcher.py runs most of the suite's script starts as forks of a process that has imported torch. The tests
+that use it are only as good as that fork is like a fresh `python`: here both run the same probe and must agree.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+from tests.launcher import run_python
+
+PROBE = '''
+import atexit, json, os, sys, threading, time
+atexit.register(lambda: print('atexit ran', flush=True))
+late = threading.Thread(target=lambda: (time.sleep(0.2), print('thread joined', flush=True)))
+late.start()
+print(json.dumps(dict(argv=sys.argv, name=__name__, cwd=os.getcwd(), path=sys.path[:2], probe=os.environ.get('PROBE'),
+                      ours_loaded=[m for m in ('model', 'core.checkpoint', 'train') if m in sys.modules],
+                      stdin=sys.stdin.read())))
+import model # the repository is on the path given by PYTHONPATH
+print('to stderr', file=sys.stderr)
+how = sys.argv[1]
+if how == 'error':
+    raise ValueError('probe failed')
+if how != 'ok':
+    sys.exit(int(how) if how.isdigit() else how)
+'''
+
+
+@pytest.mark.parametrize('how', ['ok', '3', 'a message', 'error'])
+def test_a_fork_of_the_launcher_behaves_like_a_fresh_python(tmp_path, how):
+    (tmp_path / 'probe.py').write_text(PROBE)
+    env = {**os.environ, 'PYTHONPATH': str(REPO), 'PROBE': 'seen'}
+    fresh = subprocess.run([sys.executable, 'probe.py', how], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL)
+    forked = run_python(['probe.py', how], tmp_path, env)
+    assert forked.returncode == fresh.returncode == {'ok': 0, '3': 3, 'a message': 1, 'error': 1}[how]
+    assert forked.stdout == fresh.stdout and 'thread joined\natexit ran' in fresh.stdout, (forked.stdout, fresh.stdout)
+    last_lines = lambda err: err.strip().splitlines()[-1] # a traceback's frames differ: the launcher's are above
+    assert last_lines(forked.stderr) == last_lines(fresh.stderr), (forked.stderr, fresh.stderr)
+    assert ('Traceback' in forked.stderr) == ('Traceback' in fresh.stderr) == (how == 'error')
+    # and -c, as `python -c CODE ARGS` runs it
+    code = 'import sys, os; print(sys.argv, sys.path[0], os.getcwd())'
+    fresh = subprocess.run([sys.executable, '-c', code, how], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run_python(['-c', code, how], tmp_path, env).stdout == fresh.stdout
+
+
+def test_a_run_past_its_timeout_is_killed(tmp_path):
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_python(['-c', 'import time; print("started", flush=True); time.sleep(60)'], tmp_path, os.environ, timeout=1)
+    assert run_python(['-c', 'print(1)'], tmp_path, os.environ).stdout == '1\n' # and the launcher goes on
