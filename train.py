@@ -302,10 +302,8 @@ else:
                 else:
                     model_args[k] = config[k] = theirs
         model = GPT.on_meta(GPTConfig(**model_args)) # built without memory or init: the checkpoint fills it
-        # a sharded checkpoint goes into the model sharded first, each process reading its own shards, unless the load
-        # must crop the positions or start adapters afresh (their init needs the whole tensor: the universal path)
-        if fsdp and ckpt.kind == 'sharded' and block_size >= ckpt.config.block_size and (not model.config.uses_lora or (
-                'adapter' in ckpt.shard_parts() and all(model_args.get(k) == v for k, v in ckpt.trained_adapters().items()))):
+        # under FSDP the model is sharded before the load where it can be: each process then reads its own shards
+        if fsdp and ckpt.loads_shard_by_shard(GPTConfig(**{**model_args, 'block_size': block_size})):
             shard_model(model, device_type, ptdtype)
             model.to_empty(device=device)
         report = ckpt.load_into(model)

@@ -523,6 +523,17 @@ class Checkpoint:
             return []
         return sorted({key.split('/', 1)[0] for key in self.shard_index()[1]})
 
+    def loads_shard_by_shard(self, config):
+        """
+        whether a model of `config` can take this checkpoint already sharded, each process reading its own shards:
+        a sharded checkpoint of at least the model's positions (cropping needs the whole tensor), with either no
+        adapters in the model or the very adapters it stored (new factors are initialised from the whole weight)
+        """
+        if self.kind != 'sharded' or config.block_size > self.config.block_size:
+            return False
+        return not config.uses_lora or ('adapter' in self.shard_parts() and all(
+            getattr(config, k) == v for k, v in self.trained_adapters().items()))
+
     def shard_index(self):
         """ DCP's checked index of a sharded checkpoint, read once """
         if self._index is None:

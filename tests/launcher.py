@@ -3,28 +3,40 @@
 spends about 1.5 s of CPU importing torch, numpy and scikit-learn before it does anything, and the suite starts
 hundreds: on 2 cores that was a third of its time. So each pytest worker keeps one server process that has imported
 them once; every run is a fork of it that sets up what a fresh `python` would have (argv, working directory,
-environment, sys.path, standard streams: stdin empty, stdout and stderr to files) and runs the script as __main__.
-The child exits as the interpreter would (threads joined, atexit handlers run, an uncaught exception's traceback
-printed with exit code 1), except that it skips the teardown of every module, which nothing can observe.
-Libraries that read the environment when they are imported (huggingface_hub, datasets, transformers, wandb) are
-not preloaded, so each run's environment means what it would mean in a fresh process.
+environment, sys.path, standard streams: stdin empty, stdout and stderr to files, torch's and numpy's global random
+generators seeded afresh) and runs the script as __main__. The child exits as the interpreter would (threads
+joined, atexit handlers run, the script's objects finalised, an uncaught exception's traceback printed with exit
+code 1), except that it skips the teardown of the preloaded modules, which nothing can observe.
+What a fork cannot change is what the interpreter and the preloaded libraries read when they started: a run whose
+environment differs from the server's in such a variable (STARTUP below: the hash seed, warning options, torch's
+and the BLAS libraries' settings, locale) gets a fresh process instead. Libraries that read the environment when
+imported and are not preloaded (huggingface_hub, datasets, transformers, wandb) read each run's own.
+A script that leaves a process running behind it returns at once here; subprocess.run would wait for the process
+to close its copy of the output pipe.
 Real processes remain where the process itself is the subject: the README's commands, torchrun, and the tests that
 signal or race a running process.
 """
 
 import atexit
+import builtins
+import gc
 import json
 import os
+import re
 import select
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import traceback
 import types
 from pathlib import Path
 
-PRELOADED = ['torch', 'numpy', 'sklearn.metrics'] # the imports every script pays for; none reads the environment
+PRELOADED = ['torch', 'numpy', 'sklearn.metrics'] # the imports every script pays for
+# variables read at the interpreter's start or at the preloaded libraries' import; the child sets up the others
+STARTUP = re.compile(r'PYTHON|TORCH|PYTORCH|MKL_|OPENBLAS_|KMP_|GOMP_|TQDM_|SKLEARN_|JOBLIB_|LANG$|LC_|.*_NUM_THREADS$')
+SET_UP_IN_THE_CHILD = {'PYTHONPATH', 'PYTHONUNBUFFERED', 'OMP_NUM_THREADS'}
 
 
 def serve():
@@ -32,6 +44,7 @@ def serve():
     import importlib
     for name in PRELOADED:
         importlib.import_module(name)
+    gc.freeze() # the imported objects out of the collector's sight: a child's collections touch only its own
     requests, answers = os.fdopen(os.dup(0), 'r'), os.fdopen(os.dup(1), 'w')
     base_path = sys.path[1:] # without this file's folder: the child puts its own script's folder first
     while line := requests.readline():
@@ -57,54 +70,79 @@ def wait(pid, timeout):
 
 
 def run_child(request, base_path):
-    """ become `python *argv` as started in request['cwd'] with request['env'], and run it """
-    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-    for fd, path in ((1, request['out']), (2, request['err'])):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-    sys.stdin = open(os.devnull)
-    os.chdir(request['cwd'])
-    os.environ.clear()
-    os.environ.update(request['env'])
-    if os.environ.get('PYTHONUNBUFFERED'):
-        sys.stdout.reconfigure(write_through=True)
-    if 'OMP_NUM_THREADS' in os.environ: # read by the OpenMP runtime when it was loaded: in the server
-        import torch
-        torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
-    extra = [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]
-    argv = request['argv']
+    """ become `python *argv` as started in request['cwd'] with request['env'], run it, and exit """
+    code = 1
     try:
-        main = sys.modules['__main__'] = types.ModuleType('__main__') # a fresh __main__, as `python` makes
+        for fd, (path, flags) in enumerate([(os.devnull, os.O_RDONLY), (request['out'], os.O_WRONLY | os.O_CREAT),
+                                            (request['err'], os.O_WRONLY | os.O_CREAT)]):
+            opened = os.open(path, flags, 0o644)
+            os.dup2(opened, fd)
+            os.close(opened)
+        sys.stdin = open(0, closefd=False)
+        os.chdir(request['cwd'])
+        os.environ.clear()
+        os.environ.update(request['env'])
+        if os.environ.get('PYTHONUNBUFFERED'):
+            sys.stdout.reconfigure(write_through=True)
+        import numpy
+        import torch
+        torch.default_generator.seed() # a fresh process starts from the OS's entropy, not from the server's state
+        numpy.random.seed()
+        if 'OMP_NUM_THREADS' in os.environ: # read by the OpenMP runtime when it was loaded: in the server
+            torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
+        code = run_main(request['argv'], [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p],
+                        base_path)
+        # the interpreter's exit without its teardown of every module: in a fork that touches every object the
+        # server imported, copying its shared pages (1.1 s a run here)
+        threading._shutdown()
+        atexit._run_exitfuncs()
+        sys.modules['__main__'].__dict__.clear() # the script's own objects are finalised (unclosed files flushed)
+        gc.collect()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def run_main(argv, extra_path, base_path):
+    """ `python *argv`'s __main__, run; its exit code """
+    main = sys.modules['__main__'] = types.ModuleType('__main__') # a fresh __main__, as `python` makes
+    main.__builtins__ = builtins
+    try:
         if argv[0] == '-c':
-            sys.argv, sys.path[:] = ['-c', *argv[2:]], ['', *extra, *base_path]
+            sys.argv, sys.path[:] = ['-c', *argv[2:]], ['', *extra_path, *base_path]
             code = compile(argv[1], '<string>', 'exec')
         else:
-            sys.argv, sys.path[:] = argv, [os.path.dirname(os.path.realpath(argv[0])), *extra, *base_path]
+            sys.argv, sys.path[:] = argv, [os.path.dirname(os.path.realpath(argv[0])), *extra_path, *base_path]
             main.__file__ = os.path.abspath(argv[0])
             with open(main.__file__, 'rb') as f:
                 code = compile(f.read(), main.__file__, 'exec')
         exec(code, main.__dict__)
-        code = 0
+        return 0
     except SystemExit as e: # as the interpreter reads it: None is 0, a number is the code, anything else is printed
-        code = e.code if isinstance(e.code, int) else 0 if e.code is None else print(e.code, file=sys.stderr) or 1
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else print(e.code, file=sys.stderr) or 1
     except BaseException:
-        sys.excepthook(*sys.exc_info())
-        code = 1
-    # the interpreter's exit (threads joined, atexit handlers run, streams flushed) without its teardown of every
-    # module: in a fork that touches every object the server imported, copying its shared pages (1.1 s a run here)
-    threading._shutdown()
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        kind, error, trace = sys.exc_info()
+        error.__traceback__ = trace.tb_next # without this function's frame, as a fresh process prints it
+        sys.excepthook(kind, error, trace.tb_next)
+        return 1
 
 
 _idle, _idle_lock = [], threading.Lock() # servers not running anything now: one per concurrent caller (threads)
 
 
+SERVER_ENV = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'} # as this module was first imported
+
+
+def startup_settings(env):
+    return {k: v for k, v in env.items() if STARTUP.match(k) and k not in SET_UP_IN_THE_CHILD}
+
+
 def start_server():
-    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
     process = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                               env=env)
+                               env=SERVER_ENV)
     atexit.register(process.stdin.close) # it ends at the end of its input
     return process
 
@@ -112,6 +150,9 @@ def start_server():
 def run_python(args, cwd, env, timeout=600):
     """ `python *args` in cwd with env: what subprocess.run(..., capture_output=True, text=True) returns """
     args = list(map(str, args))
+    if startup_settings(env) != startup_settings(SERVER_ENV):
+        return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
     with _idle_lock:
         process = _idle.pop() if _idle else start_server()
     with tempfile.TemporaryDirectory() as tmp:

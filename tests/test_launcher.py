@@ -21,6 +21,8 @@ print(json.dumps(dict(argv=sys.argv, name=__name__, cwd=os.getcwd(), path=sys.pa
                       ours_loaded=[m for m in ('model', 'core.checkpoint', 'train') if m in sys.modules],
                       stdin=sys.stdin.read())))
 import model # the repository is on the path given by PYTHONPATH
+unclosed = open('unclosed.txt', 'w') # written out when the interpreter finalises the script's objects
+unclosed.write('flushed at exit')
 print('to stderr', file=sys.stderr)
 how = sys.argv[1]
 if how == 'error':
@@ -39,9 +41,9 @@ def test_a_fork_of_the_launcher_behaves_like_a_fresh_python(tmp_path, how):
     forked = run_python(['probe.py', how], tmp_path, env)
     assert forked.returncode == fresh.returncode == {'ok': 0, '3': 3, 'a message': 1, 'error': 1}[how]
     assert forked.stdout == fresh.stdout and 'thread joined\natexit ran' in fresh.stdout, (forked.stdout, fresh.stdout)
-    last_lines = lambda err: err.strip().splitlines()[-1] # a traceback's frames differ: the launcher's are above
-    assert last_lines(forked.stderr) == last_lines(fresh.stderr), (forked.stderr, fresh.stderr)
+    assert forked.stderr == fresh.stderr, (forked.stderr, fresh.stderr) # a traceback too, frame for frame
     assert ('Traceback' in forked.stderr) == ('Traceback' in fresh.stderr) == (how == 'error')
+    assert (tmp_path / 'unclosed.txt').read_text() == 'flushed at exit'
     # and -c, as `python -c CODE ARGS` runs it
     code = 'import sys, os; print(sys.argv, sys.path[0], os.getcwd())'
     fresh = subprocess.run([sys.executable, '-c', code, how], cwd=tmp_path, env=env, capture_output=True, text=True)
@@ -52,3 +54,22 @@ def test_a_run_past_its_timeout_is_killed(tmp_path):
     with pytest.raises(subprocess.TimeoutExpired):
         run_python(['-c', 'import time; print("started", flush=True); time.sleep(60)'], tmp_path, os.environ, timeout=1)
     assert run_python(['-c', 'print(1)'], tmp_path, os.environ).stdout == '1\n' # and the launcher goes on
+
+
+def test_each_run_draws_its_own_random_numbers_and_startup_settings_are_honoured(tmp_path):
+    # a script that forgets to seed must not look reproducible: torch and numpy start from fresh entropy each run
+    draw = 'import numpy, torch; print(torch.rand(1).item(), numpy.random.rand())'
+    draws = [run_python(['-c', draw], tmp_path, os.environ).stdout.split() for _ in range(3)]
+    assert len({torch for torch, _ in draws}) == len({numpy for _, numpy in draws}) == 3, draws
+    # what the interpreter reads at its start (here the hash seed) cannot change in a fork: a fresh process is used
+    env = {**os.environ, 'PYTHONHASHSEED': '0'}
+    hashed = 'print(hash("checkpoint"))'
+    fresh = subprocess.run([sys.executable, '-c', hashed], env=env, capture_output=True, text=True).stdout
+    assert run_python(['-c', hashed], tmp_path, env).stdout == fresh
+
+
+def test_a_script_that_does_not_compile_fails_as_in_a_fresh_python(tmp_path):
+    (tmp_path / 'broken.py').write_text('def f(:\n')
+    fresh = subprocess.run([sys.executable, 'broken.py'], cwd=tmp_path, capture_output=True, text=True)
+    forked = run_python(['broken.py'], tmp_path, os.environ)
+    assert forked.returncode == fresh.returncode == 1 and forked.stderr == fresh.stderr, (forked.stderr, fresh.stderr)
