@@ -303,13 +303,14 @@ else:
                     model_args[k] = config[k] = theirs
         model = GPT.on_meta(GPTConfig(**model_args)) # built without memory or init: the checkpoint fills it
         # under FSDP the model is sharded before the load where it can be: each process then reads its own shards
-        if fsdp and ckpt.loads_shard_by_shard(GPTConfig(**{**model_args, 'block_size': block_size})):
+        shard_by_shard = fsdp and ckpt.loads_shard_by_shard(GPTConfig(**{**model_args, 'block_size': block_size}))
+        if shard_by_shard:
             shard_model(model, device_type, ptdtype)
             model.to_empty(device=device)
         report = ckpt.load_into(model)
     except (CheckpointError, CheckpointMismatchError) as e:
         fail(e)
-    log(describe_load(ckpt, report))
+    log(describe_load(ckpt, report) + ('; each process read its own shards' if shard_by_shard else ''))
     trained = ckpt.trained_adapters()
     if GPTConfig(**{**model_args, **trained}).uses_lora and not model.config.uses_lora and not given & set(ADAPTER_FIELDS):
         flags = ' '.join(f'--{k}={v}' for k, v in trained.items() if v != defaults[k])
