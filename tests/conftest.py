@@ -37,6 +37,11 @@ def pytest_configure(config):
         os.environ['OMP_NUM_THREADS'] = '1'
         import torch
         torch.set_num_threads(1)
+    # the scripts the tests start keep their temporary files (torchrun's log folders, one per launch) in a folder
+    # removed at the end; this process's own temporary root is read first and stays (pytest's tmp_path live there)
+    tempfile.gettempdir()
+    config._scratch_tmp, config._tmpdir_before = tempfile.mkdtemp(prefix='checkpoint-test-tmp-'), os.environ.get('TMPDIR')
+    os.environ['TMPDIR'] = config._scratch_tmp
     if is_controller(config):
         config._checkpoint_tables = tempfile.mkdtemp(prefix='checkpoint-test-tables-')
         config._checkpoint_tables_before = os.environ.get(TABLES_ENV)
@@ -54,6 +59,11 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_unconfigure(config):
+    shutil.rmtree(config._scratch_tmp, ignore_errors=True)
+    if config._tmpdir_before is None:
+        os.environ.pop('TMPDIR', None)
+    else:
+        os.environ['TMPDIR'] = config._tmpdir_before
     directory = getattr(config, '_checkpoint_tables', None)
     if directory:
         shutil.rmtree(directory, ignore_errors=True)

@@ -82,6 +82,7 @@ def run_child(request, base_path):
         os.chdir(request['cwd'])
         os.environ.clear()
         os.environ.update(request['env'])
+        tempfile.tempdir = None # gettempdir() reads TMPDIR again, as in a fresh process
         if os.environ.get('PYTHONUNBUFFERED'):
             sys.stdout.reconfigure(write_through=True)
         import numpy

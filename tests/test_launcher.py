@@ -13,13 +13,13 @@ from tests.helpers import REPO
 from tests.launcher import run_python
 
 PROBE = '''
-import atexit, json, os, sys, threading, time
+import atexit, json, os, sys, tempfile, threading, time
 atexit.register(lambda: print('atexit ran', flush=True))
 late = threading.Thread(target=lambda: (time.sleep(0.2), print('thread joined', flush=True)))
 late.start()
 print(json.dumps(dict(argv=sys.argv, name=__name__, cwd=os.getcwd(), path=sys.path[:2], probe=os.environ.get('PROBE'),
                       ours_loaded=[m for m in ('model', 'core.checkpoint', 'train') if m in sys.modules],
-                      stdin=sys.stdin.read())))
+                      stdin=sys.stdin.read(), tmp=tempfile.gettempdir())))
 import model # the repository is on the path given by PYTHONPATH
 unclosed = open('unclosed.txt', 'w') # written out when the interpreter finalises the script's objects
 unclosed.write('flushed at exit')
@@ -35,7 +35,7 @@ if how != 'ok':
 @pytest.mark.parametrize('how', ['ok', '3', 'a message', 'error'])
 def test_a_fork_of_the_launcher_behaves_like_a_fresh_python(tmp_path, how):
     (tmp_path / 'probe.py').write_text(PROBE)
-    env = {**os.environ, 'PYTHONPATH': str(REPO), 'PROBE': 'seen'}
+    env = {**os.environ, 'PYTHONPATH': str(REPO), 'PROBE': 'seen', 'TMPDIR': str(tmp_path)}
     fresh = subprocess.run([sys.executable, 'probe.py', how], cwd=tmp_path, env=env, capture_output=True, text=True,
                            stdin=subprocess.DEVNULL)
     forked = run_python(['probe.py', how], tmp_path, env)
