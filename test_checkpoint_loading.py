@@ -239,6 +239,21 @@ def test_conversion_equals_small_model(tmp_path_factory):
         assert logits.shape == (3, 16, 256) and 0 < logits.min() and logits.max() < 30 # the sigmoid cap
 
 
+def test_a_wrong_conversion_fails_the_check(tmp_path_factory, monkeypatch):
+    # the tool's last step runs train_gpt_small.py's own model on the file: a conversion that gets one matrix wrong
+    # (the c_proj rows of one layer, halved) loads and runs, and only that comparison catches it
+    import pytest
+    files = modded_files(tmp_path_factory)
+    right = load_pretrained_checkpoint
+    def wrong(*args, **kwargs):
+        model, *rest = right(*args, **kwargs)
+        model.state_dict()['blocks.2.attn.qkvo_w'][3].mul_(0.5) # (the state dict's tensors are the parameters)
+        return (model, *rest)
+    monkeypatch.setattr(sys.modules[__name__], 'load_pretrained_checkpoint', wrong)
+    with pytest.raises(ModdedCheckpointError, match='the converted model differs from the small model by'):
+        verify(files['small'], num_heads=2)
+
+
 def test_padding_never_changes_real_positions(tmp_path_factory):
     files = modded_files(tmp_path_factory)
     for kind in ('small', 'medium'):
