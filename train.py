@@ -202,11 +202,19 @@ else:
     seed_offset = 0
     ddp_world_size = 1
 # one writer per out_dir, for the whole run: a second run saving there would undo this one's saves
+lock_error = None
 if master_process and not eval_only and os.path.isdir(os.path.dirname(os.path.abspath(out_dir))):
     try:
         lock_writer(out_dir) # (a new parent folder is made, and locked, at the first save instead)
     except CheckpointError as e:
-        fail(e)
+        lock_error = e
+if ddp: # every process learns rank 0's outcome: the others stop beside its message, not in the next collective
+    refused = torch.tensor([lock_error is not None], dtype=torch.int32, device=device)
+    torch.distributed.broadcast(refused, src=0)
+    if refused.item() and lock_error is None:
+        lock_error = CheckpointError(f'{out_dir} is being written by another run (process 0 names it)')
+if lock_error:
+    fail(lock_error)
 torch.manual_seed(seed + seed_offset)
 torch.backends.cuda.matmul.allow_tf32 = True # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True # allow tf32 on cudnn

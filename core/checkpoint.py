@@ -529,7 +529,7 @@ class Checkpoint:
         a sharded checkpoint of at least the model's positions (cropping needs the whole tensor), with either no
         adapters in the model or the very adapters it stored (new factors are initialised from the whole weight)
         """
-        if self.kind != 'sharded' or config.block_size > self.config.block_size:
+        if self.kind != 'sharded' or config.block_size < self.config.block_size:
             return False
         return not config.uses_lora or ('adapter' in self.shard_parts() and all(
             getattr(config, k) == v for k, v in self.trained_adapters().items()))

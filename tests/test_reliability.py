@@ -233,6 +233,13 @@ def test_a_second_writer_of_a_checkpoint_directory_is_refused_and_the_first_run_
     next_line(first, 'saving checkpoint') # it has saved once; more saves follow while the others try
     code, out = run_train(tmp_path, '--out_dir', 'out', '--max_iters', 10, ok=False)
     assert code == 1 and 'Traceback' not in out and f'out is being written by another run (pid {first.pid}' in out, out
+    # under torchrun too: process 0 names the holder, the others stop beside it (they used to fail in a collective)
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(REPO / 'train.py'), TINY_CONFIG, '--out_dir', 'out', '--max_iters', '10'], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and f'out is being written by another run (pid {first.pid}' in out, out
+    assert '[rank1]' not in out and 'train.py", line' not in out, out # no traceback from train.py
     save_state(tmp_path / 'other', 1) # and a tool that writes there: another checkpoint exported into it
     code, out = run_script('convert_checkpoints.py', 'other', '--to', 'bundle', 'out', '--force', cwd=tmp_path, ok=False)
     assert code == 1 and 'Traceback' not in out and 'being written by another run' in out, out
