@@ -106,10 +106,12 @@ def export(source, fmt, out, meta=None, force=False):
 def main(args):
     if args.to:
         fmt, out = args.to
-        if fmt not in WRITABLE or len(args.paths) != 1:
-            raise CheckpointError(f'--to takes one of {", ".join(WRITABLE)} and an output path, after exactly one '
-                                  f'source: convert_checkpoints.py SOURCE --to hf OUT_DIR (got --to {fmt} {out} '
-                                  f'after {len(args.paths)} sources)')
+        if fmt not in WRITABLE:
+            raise CheckpointError(f'--to {fmt}: unknown format; it writes {", ".join(WRITABLE)} '
+                                  f'(convert_checkpoints.py SOURCE --to hf OUT_DIR)')
+        if len(args.paths) != 1:
+            raise CheckpointError(f'--to converts exactly one source, found {len(args.paths)} '
+                                  f'({" ".join(args.paths) or "none"}): convert_checkpoints.py SOURCE --to {fmt} {out}')
         return export(args.paths[0], fmt, out, args.meta, args.force)
     sources = args.paths or legacy_sources(args.root)
     if not sources:

@@ -20,6 +20,7 @@ torch.load passes weights_only=True, and nanoGPT's meta.pkl is read by an unpick
 
 import base64
 import dataclasses
+import difflib
 import json
 import os
 import pickle
@@ -1025,13 +1026,19 @@ def read_checkpoint(path, legacy_file=None, meta_path=None):
                               f'{", ".join(sorted(os.listdir(path))[:8]) or "nothing"})' if Path(path).is_dir() else
                               f'--legacy_checkpoint {legacy_file}: no such file, and {path} is not a directory')
     if found is None:
+        expected = (f'a bundle (config.json + model.pt), a sharded checkpoint (config.json + .metadata + shards), a '
+                    f'Hugging Face GPT-2 or peft adapter directory, a directory holding one of {", ".join(LEGACY_NAMES)}, '
+                    f'or a checkpoint file')
         if Path(path).is_dir():
-            raise CheckpointError(f'no checkpoint in the directory {path}: expected a bundle (config.json + model.pt), '
-                                  f'a sharded checkpoint (config.json + .metadata + shards), a Hugging Face GPT-2 '
-                                  f'directory, or one of {", ".join(LEGACY_NAMES)}; found '
+            raise CheckpointError(f'no checkpoint in the directory {path}: expected {expected}; found '
                                   f'{", ".join(sorted(os.listdir(path))[:8]) or "nothing"}')
-        raise CheckpointError(f'no checkpoint at {path}: expected a bundle directory (config.json + model.pt), '
-                              f'a directory holding one of {", ".join(LEGACY_NAMES)}, or a checkpoint file')
+        if Path(path).exists():
+            raise CheckpointError(f'no checkpoint at {path}: the file is none of the kinds this reads; expected {expected}')
+        parent = Path(path).parent
+        near = difflib.get_close_matches(Path(path).name, os.listdir(parent), n=3) if parent.is_dir() else []
+        raise CheckpointError(f'no checkpoint at {path}: nothing is there' +
+                              (f' (did you mean {" or ".join(str(parent / n) for n in near)}?)' if near else '') +
+                              f'; expected {expected}')
     kind, found_path = found
     home = find_checkpoint(found_path.parent) if found_path.name in BUNDLE_FILES + (MANIFEST_FILE, HF_WEIGHTS) else None
     if kind == 'legacy' and home and home[0] != 'legacy': # e.g. bundle/model.pt: one file of a checkpoint directory

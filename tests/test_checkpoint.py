@@ -150,6 +150,16 @@ def test_bare_state_dict_needs_its_head_count(tmp_path):
         read_checkpoint(tmp_path / 'weights.pt')
 
 
+def test_a_missing_checkpoint_names_every_kind_and_the_near_miss(tmp_path):
+    (tmp_path / 'out-fsdp').mkdir()
+    with pytest.raises(CheckpointError) as error:
+        read_checkpoint(tmp_path / 'out-fsdpp')
+    assert 'nothing is there (did you mean' in str(error.value) and str(tmp_path / 'out-fsdp') + '?' in str(error.value)
+    assert 'a sharded checkpoint (config.json + .metadata + shards)' in str(error.value) # as for an empty directory
+    with pytest.raises(CheckpointError, match=r'a sharded checkpoint \(config.json \+ .metadata \+ shards\)'):
+        read_checkpoint(tmp_path / 'out-fsdp')
+
+
 def test_pickled_objects_are_refused(tmp_path):
     marker = tmp_path / 'pwned'
 
