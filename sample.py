@@ -46,7 +46,7 @@ def sample(args):
         raise CheckpointError(f'dtype = {args.dtype!r} cannot be used: it must be one of {", ".join(DTYPES)}')
     where = (args.out_dir if args.init_from == 'resume' else
              pretrained_gpt2_dir(args.init_from) if args.init_from in GPT2_NAMES else args.init_from)
-    generate.main(argparse.Namespace(**vars(args), checkpoint=where, model_name=None, legacy_checkpoint=None,
+    generate.main(argparse.Namespace(**vars(args), path=None, checkpoint=where, model_name=None, legacy_checkpoint=None,
                                      root='checkpoints', meta=None))
 
 

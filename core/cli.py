@@ -58,8 +58,9 @@ def start_wandb(project, name, config):
 
 
 def add_checkpoint_args(parser):
+    parser.add_argument('path', nargs='?', help='the checkpoint, as convert_checkpoints.py takes it (or --checkpoint)')
     parser.add_argument('--model_name', help='a model under --root (checkpoints/<model_name>)')
-    parser.add_argument('--checkpoint', help='a bundle directory, or a directory or file of a legacy checkpoint')
+    parser.add_argument('--checkpoint', help='a checkpoint: any kind inspect_model.py names (directory or file)')
     parser.add_argument('--legacy_checkpoint', help='a legacy file inside the model directory, e.g. final.pt')
     parser.add_argument('--root', default='checkpoints', help='where --model_name looks (default: checkpoints)')
     parser.add_argument('--meta', help="a vocabulary for legacy checkpoints that don't store one (meta.json or nanoGPT meta.pkl)")
@@ -67,9 +68,11 @@ def add_checkpoint_args(parser):
 
 
 def checkpoint_location(args):
-    if bool(args.model_name) == bool(args.checkpoint):
-        raise CheckpointError('name the checkpoint with exactly one of --model_name NAME or --checkpoint PATH')
-    return args.checkpoint or os.path.join(args.root, args.model_name)
+    given = [a for a in (args.path, args.checkpoint, args.model_name) if a]
+    if len(given) != 1:
+        raise CheckpointError('name the checkpoint with exactly one of PATH, --checkpoint PATH or --model_name NAME '
+                              f"(found {len(given)}{': ' + ', '.join(given) if given else ''})")
+    return args.path or args.checkpoint or os.path.join(args.root, args.model_name)
 
 
 def open_checkpoint(args):

@@ -251,7 +251,7 @@ CASES = {
          "pydocs_char/meta.json's has 103 tokens where the model has 96 embedding rows"),
     ],
     'generate.py': [
-        ('no checkpoint named', lambda d: [], 'exactly one of --model_name NAME or --checkpoint PATH'),
+        ('no checkpoint named', lambda d: [], 'exactly one of PATH, --checkpoint PATH or --model_name NAME (found 0)'),
         ('missing checkpoint', lambda d: ['--checkpoint', 'nope'], 'no checkpoint at nope'),
         ('text file', lambda d: ['--checkpoint', file(d, 'notes.txt')], "it starts with b'hello world"),
         ('empty directory', lambda d: ['--checkpoint', folder(d)], 'no checkpoint in the directory adir'),
@@ -285,7 +285,7 @@ CASES = {
          "init_from = 'gpt2': OpenAI's GPT-2 weights are neither in the Hugging Face cache"),
     ],
     'inspect_model.py': [
-        ('no checkpoint named', lambda d: [], 'exactly one of --model_name NAME or --checkpoint PATH'),
+        ('no checkpoint named', lambda d: [], 'exactly one of PATH, --checkpoint PATH or --model_name NAME (found 0)'),
         ('both named', lambda d: ['--checkpoint', 'x', '--model_name', 'y'], 'exactly one of'),
         ('missing checkpoint', lambda d: ['--checkpoint', 'nope'], 'no checkpoint at nope'),
         ('text file', lambda d: ['--checkpoint', file(d, 'notes.txt')], "it starts with b'hello world"),

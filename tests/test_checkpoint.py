@@ -189,8 +189,10 @@ def test_inspect_reads_no_optimizer_and_names_damaged_weights(tmp_path):
     assert f'vocab     : {len(CHARS)} characters' in out and 'Last recorded training step: 2' in out
     assert 'Best val loss: 1.2500' in out and 'Trained with adapters: none (standard)' in out
     assert 'Note: the config above was not confirmed by the weights' in out and 'model.pt does not match its checksum' in out
+    code, same = run_script('inspect_model.py', tmp_path / 'm', cwd=tmp_path) # by its path, as convert takes it
+    assert code == 0 and same == out
     code, out = run_script('inspect_model.py', cwd=tmp_path, ok=False)
-    assert code == 1 and 'exactly one of --model_name' in out and 'Traceback' not in out
+    assert code == 1 and 'exactly one of PATH, --checkpoint PATH or --model_name NAME' in out and 'Traceback' not in out
 
 
 def test_generate_legacy_checkpoint_by_model_name(tmp_path):
