@@ -35,7 +35,10 @@ from pathlib import Path
 
 PRELOADED = ['torch', 'numpy', 'sklearn.metrics'] # the imports every script pays for
 # variables read at the interpreter's start or at the preloaded libraries' import; the child sets up the others
-STARTUP = re.compile(r'PYTHON|TORCH|PYTORCH|MKL_|OPENBLAS_|KMP_|GOMP_|TQDM_|SKLEARN_|JOBLIB_|LANG$|LC_|.*_NUM_THREADS$')
+# (torch's are its logging settings; the others, e.g. TORCHINDUCTOR_CACHE_DIR, which a torch.compile in a test's own
+# process sets in its environment, are read when used)
+STARTUP = re.compile(r'PYTHON|TORCH_LOGS$|TORCH_CPP_LOG_LEVEL$|TORCH_SHOW_CPP_STACKTRACES$|MKL_|OPENBLAS_|KMP_|GOMP_|TQDM_|'
+                     r'SKLEARN_|JOBLIB_|LANG$|LC_|.*_NUM_THREADS$')
 SET_UP_IN_THE_CHILD = {'PYTHONPATH', 'PYTHONUNBUFFERED', 'OMP_NUM_THREADS'}
 
 

@@ -66,6 +66,11 @@ def test_each_run_draws_its_own_random_numbers_and_startup_settings_are_honoured
     hashed = 'print(hash("checkpoint"))'
     fresh = subprocess.run([sys.executable, '-c', hashed], env=env, capture_output=True, text=True).stdout
     assert run_python(['-c', hashed], tmp_path, env).stdout == fresh
+    # and only those: a fork's parent is the server, a fresh process's is this one
+    parent = 'import os; print(os.getppid())'
+    assert run_python(['-c', parent], tmp_path, env).stdout == f'{os.getpid()}\n'
+    set_by_a_compile = {**os.environ, 'TORCHINDUCTOR_CACHE_DIR': str(tmp_path / 'inductor')}
+    assert run_python(['-c', parent], tmp_path, set_by_a_compile).stdout != f'{os.getpid()}\n'
 
 
 def test_a_script_that_does_not_compile_fails_as_in_a_fresh_python(tmp_path):
