@@ -49,6 +49,8 @@ def serve():
         importlib.import_module(name)
     gc.freeze() # the imported objects out of the collector's sight: a child's collections touch only its own
     requests, answers = os.fdopen(os.dup(0), 'r'), os.fdopen(os.dup(1), 'w')
+    answers.write(json.dumps(startup_settings(os.environ)) + '\n') # as the imports left them (sklearn sets KMP_*)
+    answers.flush()
     base_path = sys.path[1:] # without this file's folder: the child puts its own script's folder first
     while line := requests.readline():
         request = json.loads(line)
@@ -144,21 +146,33 @@ def startup_settings(env):
     return {k: v for k, v in env.items() if STARTUP.match(k) and k not in SET_UP_IN_THE_CHILD}
 
 
+def forks_alike(env, server):
+    """
+    whether a fork of the server sees what a fresh process given env would: each startup variable of env has the
+    value the server started with, or the one its imports set themselves (a test that imported sklearn has those too)
+    """
+    wanted, started = startup_settings(env), startup_settings(SERVER_ENV)
+    return all(wanted.get(k) in (started.get(k), server.settings.get(k)) for k in {*wanted, *started, *server.settings})
+
+
 def start_server():
     process = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                env=SERVER_ENV)
     atexit.register(process.stdin.close) # it ends at the end of its input
+    process.settings = json.loads(process.stdout.readline())
     return process
 
 
 def run_python(args, cwd, env, timeout=600):
     """ `python *args` in cwd with env: what subprocess.run(..., capture_output=True, text=True) returns """
     args = list(map(str, args))
-    if startup_settings(env) != startup_settings(SERVER_ENV):
-        return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL)
     with _idle_lock:
         process = _idle.pop() if _idle else start_server()
+    if not forks_alike(env, process):
+        with _idle_lock:
+            _idle.append(process)
+        return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp) / 'stdout', Path(tmp) / 'stderr'
         request = dict(argv=args, cwd=str(cwd), env=dict(env), out=str(out), err=str(err), timeout=timeout)

@@ -71,6 +71,10 @@ def test_each_run_draws_its_own_random_numbers_and_startup_settings_are_honoured
     assert run_python(['-c', parent], tmp_path, env).stdout == f'{os.getpid()}\n'
     set_by_a_compile = {**os.environ, 'TORCHINDUCTOR_CACHE_DIR': str(tmp_path / 'inductor')}
     assert run_python(['-c', parent], tmp_path, set_by_a_compile).stdout != f'{os.getpid()}\n'
+    set_by_importing_sklearn = {**os.environ, 'KMP_DUPLICATE_LIB_OK': 'True', 'KMP_INIT_AT_FORK': 'FALSE'} # as in the server
+    assert run_python(['-c', parent], tmp_path, set_by_importing_sklearn).stdout != f'{os.getpid()}\n'
+    other_threads = {**os.environ, 'MKL_NUM_THREADS': '3'}
+    assert run_python(['-c', parent], tmp_path, other_threads).stdout == f'{os.getpid()}\n'
 
 
 def test_a_script_that_does_not_compile_fails_as_in_a_fresh_python(tmp_path):
