@@ -22,7 +22,7 @@ import torch
 from core.checkpoint import CheckpointError, find_checkpoint, read_checkpoint
 from core.commit import MANIFEST_FILE, SAVING, verify_file
 from core.sharded import METADATA
-from tests.helpers import REPO, TINY_CONFIG, resume_check
+from tests.helpers import REPO, TINY_CONFIG, resume_check, run_script, run_train
 from tests.launcher import run_python
 
 pytestmark = pytest.mark.xdist_group('fsdp') # the module's 2-process run is made once, in one worker
@@ -241,8 +241,7 @@ def test_kill_9_of_one_process_during_a_sharded_save_loses_nothing(tmp_path, rec
     assert step == expected and moments == 15, step
     if (rank, point) in (('0', 'swap'), ('1', 'shard')): # the next save clears what the killed one left (rank 0's kill
                                                           # at a shard leaves what rank 1's does)
-        out = run_python([REPO / 'train.py', TINY_CONFIG, '--resume_from', 'run', '--out_dir', 'run', '--max_iters',
-                          expected + 1, '--eval_iters', 1], tmp_path, {**os.environ, 'PYTHONPATH': str(REPO)}).stdout
+        out = run_train(tmp_path, '--resume_from', 'run', '--out_dir', 'run', '--max_iters', expected + 1, '--eval_iters', 1)
         assert f'(step {expected})' in out and read_checkpoint(tmp_path / 'run').step == expected + 1, out[-2000:]
         assert ('recovered' in out) == (point == 'swap'), out[-2000:]
         assert [p.name for p in tmp_path.iterdir() if SAVING in p.name or '.previous-' in p.name] == []
@@ -283,11 +282,6 @@ def test_a_forged_index_is_refused_before_any_tensor_is_read(sharded, tmp_path):
     assert not (tmp_path / 'ran').exists() # the pickle's code never ran
 
 
-def script(cwd, name, *args):
-    proc = run_python([REPO / name, *args], cwd, {**os.environ, 'PYTHONPATH': str(REPO)})
-    return proc.returncode, proc.stdout + proc.stderr
-
-
 def test_wrong_uses_of_a_sharded_checkpoint_are_named(sharded, tmp_path):
     import json
     import shutil
@@ -296,7 +290,7 @@ def test_wrong_uses_of_a_sharded_checkpoint_are_named(sharded, tmp_path):
     shutil.copytree(root / 'run', run)
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     # converted onto itself: refused, nothing touched (it used to become a bundle, then fail with a traceback)
-    code, out = script(tmp_path, 'convert_checkpoints.py', 'run', '--out', 'run', '--force')
+    code, out = run_script('convert_checkpoints.py', 'run', '--out', 'run', '--force', cwd=tmp_path, ok=False)
     assert code == 1 and 'Traceback' not in out and 'names the checkpoint being read' in out, out
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     # a flipped bit in a shard: named by its checksum before any tensor is used
@@ -305,27 +299,27 @@ def test_wrong_uses_of_a_sharded_checkpoint_are_named(sharded, tmp_path):
     data = bytearray((damaged / '__1_0.distcp').read_bytes())
     data[len(data) // 2] ^= 1
     (damaged / '__1_0.distcp').write_bytes(bytes(data))
-    code, out = script(tmp_path, 'convert_checkpoints.py', 'damaged', '--to', 'bundle', 'out')
+    code, out = run_script('convert_checkpoints.py', 'damaged', '--to', 'bundle', 'out', cwd=tmp_path, ok=False)
     assert code == 1 and 'Traceback' not in out and '__1_0.distcp does not match its checksum' in out, out
     # a leftover of an interrupted save, inspected: named as such, with the checkpoint to read instead
     leftover = tmp_path / '.run.saving-4242'
     shutil.copytree(run, leftover)
     (leftover / MANIFEST_FILE).unlink()
     (leftover / 'config.json').unlink()
-    code, out = script(tmp_path, 'inspect_model.py', '--checkpoint', leftover)
+    code, out = run_script('inspect_model.py', '--checkpoint', leftover, cwd=tmp_path, ok=False)
     assert code == 1 and 'Traceback' not in out and 'an interrupted save left beside the checkpoint run' in out, out
     # training_state.json edited: parts that are not there are not claimed; optimizer groups that are not groups refused
     state = json.loads((run / 'training_state.json').read_text())
     state['shards']['parts'] = ['model', 'optimizer', 'adapter']
     (run / 'training_state.json').write_text(json.dumps(state))
-    code, out = script(tmp_path, 'inspect_model.py', '--checkpoint', 'run')
+    code, out = run_script('inspect_model.py', '--checkpoint', 'run', cwd=tmp_path, ok=False)
     assert code == 0 and 'Adapter factors' not in out and 'edited after it was saved' in out, out
     del state['shards']['optimizer_groups']
     (run / 'training_state.json').write_text(json.dumps(state))
-    code, out = script(tmp_path, 'convert_checkpoints.py', 'run', '--to', 'bundle', 'out')
+    code, out = run_script('convert_checkpoints.py', 'run', '--to', 'bundle', 'out', cwd=tmp_path, ok=False)
     assert code == 1 and 'Traceback' not in out and 'training_state.json' in out and 'optimizer_groups' in out, out
     state['shards']['optimizer_groups'] = [{'lr': 1.0}]
     (run / 'training_state.json').write_text(json.dumps(state))
-    code, out = script(tmp_path, 'convert_checkpoints.py', 'run', '--to', 'bundle', 'out')
+    code, out = run_script('convert_checkpoints.py', 'run', '--to', 'bundle', 'out', cwd=tmp_path, ok=False)
     assert code == 1 and 'Traceback' not in out and 'not a list of parameter groups' in out, out
 
