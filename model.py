@@ -621,9 +621,12 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim, max_seq_len):
         super().__init__()
-        freq = (1 / 1024) ** torch.linspace(0, 1, steps=head_dim // 4, dtype=torch.float32)
+        # the device named, not left to torch.device()'s redirection: transformers' from_pretrained swaps
+        # torch.linspace for one that defaults to the CPU, and a redirection table built meanwhile keeps it
+        device = torch.get_default_device()
+        freq = (1 / 1024) ** torch.linspace(0, 1, steps=head_dim // 4, dtype=torch.float32, device=device)
         freq = torch.cat([freq, freq.new_zeros(head_dim // 4)])
-        theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), freq)
+        theta = torch.outer(torch.arange(max_seq_len, dtype=torch.float32, device=device), freq)
         self.register_buffer('cos', theta.cos(), persistent=False) # not in the checkpoints
         self.register_buffer('sin', theta.sin(), persistent=False)
 
