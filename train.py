@@ -21,13 +21,14 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.distributed import init_process_group, destroy_process_group
+from torch.distributed import init_process_group
 
 from model import GPTConfig, GPT, ADAPTER_FIELDS, BASE_FIELDS, CheckpointMismatchError
 from configurator import apply_config, ConfigError
 from core.checkpoint import (CheckpointError, read_checkpoint, read_peft, find_checkpoint, describe_load, wait_for_saves,
                              apply_optimizer_state, set_rng_state, rng_state)
 from core.cli import SetupError, check_device, start_wandb, tell_torchrun
+from core.distributed import end_process_group
 from core.commit import is_plain_name, lock_writer
 from core.interop import GPT2_NAMES, pretrained_gpt2_dir
 from core.sharded import is_sharded, shard_model
@@ -522,4 +523,4 @@ elif not saved:
 if wandb_log and master_process:
     wandb_run.finish() # writes the run's summary (and, offline, its files) now
 if ddp:
-    destroy_process_group()
+    end_process_group()

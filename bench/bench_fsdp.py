@@ -65,6 +65,7 @@ def worker(size, out_dir, result_file):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     from core.checkpoint import apply_optimizer_state, read_checkpoint, save_bundle, save_sharded, wait_for_saves
     from core.commit import finish_cleanups
+    from core.distributed import end_process_group
     from core.sharded import shard_model
     dist.init_process_group('gloo')
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -118,7 +119,7 @@ def worker(size, out_dir, result_file):
     assert kept == kept_bundle and kept[1] == 0, (kept, kept_bundle) # every moment carried over, both ways
     if rank == 0:
         Path(result_file).write_text(json.dumps({'processes': world, 'full_bytes': full_bytes, 'rows': rows}))
-    dist.destroy_process_group()
+    end_process_group()
 
 
 def main(size, procs, out_json=None):

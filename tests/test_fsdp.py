@@ -119,6 +119,7 @@ FSDP_LOGITS = '''
 import sys, torch, torch.distributed as dist
 from model import GPT, GPTConfig
 from core.checkpoint import save_sharded, wait_for_saves
+from core.distributed import end_process_group
 from core.sharded import shard_model
 dist.init_process_group('gloo')
 out = sys.argv[1]
@@ -146,7 +147,7 @@ for _ in range(3): # the parameters and moments change (in place) during the wri
 wait_for_saves()
 if dist.get_rank() == 0:
     torch.save({'ids': ids, 'logits': logits}, out + '.logits.pt')
-dist.destroy_process_group()
+end_process_group()
 '''
 
 
