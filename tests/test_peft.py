@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core.checkpoint import CheckpointError, read_checkpoint, read_peft, save_bundle
-from core.tokenizer import load_tokenizer
+from core.tokenizer import char_spec, load_tokenizer
+from data.prepare import pydocs_text
 from model import GPT, GPTConfig
 from tests.helpers import REPO, SHARED, TINY_CONFIG, Logits, make_peft_adapter, resume_check, run_script
 
@@ -31,7 +32,8 @@ def offline(monkeypatch):
 
 
 def chars():
-    return json.loads((REPO / 'data' / 'pydocs_char' / 'meta.json').read_text())['tokenizer']['chars']
+    """ pydocs_char's vocabulary, as data/prepare.py makes it (train.py prepares the files on first use) """
+    return char_spec(pydocs_text())['chars']
 
 
 def lora_bundle(path, spec, **adapters):
