@@ -20,7 +20,7 @@ import torch
 
 from model import (GPTBatched, GPTFlexAttention, KNOWN_HEADS, Rotary, check_state_dict_fits, meta_device,
                    small_to_medium_state_dict, strip_wrapper_prefixes)
-from core.checkpoint import CheckpointError, load_tensors
+from core.commit import CheckpointError, load_tensors
 
 FORMATS = {'small': 'small (from train_gpt_small.py)', 'medium': 'medium (from train_gpt_medium.py)',
            'large-lite': 'large-lite (medium keys, head_dim = model_dim / heads)'}

@@ -25,8 +25,12 @@ import mmap
 import os
 import shutil
 import threading
+import pickle
 import zlib
 from pathlib import Path
+
+import numpy as np
+import torch
 
 import xxhash # xxh3-64: 22 GB/s here, against zlib.crc32's 4 GB/s; every load of a checkpoint hashes its files
 
@@ -350,3 +354,121 @@ def finish_cleanups():
     """ wait until the directories replaced by commits are gone """
     while CLEANUPS:
         CLEANUPS.pop().join()
+
+
+# -----------------------------------------------------------------------------
+# tensor and JSON files
+
+def read_json(path):
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f'{path} is missing: a checkpoint bundle needs it') from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f'{path} is not valid JSON ({e}); expected the JSON object this toolkit writes') from None
+
+
+def save_tensors(path, obj, deferred=()):
+    """
+    torch.save, crash-safe, without the zip format's CRC32 of every record: it made writes 1.3x slower here, and the
+    manifest's xxh3 checksum covers every byte anyway (torch.load doesn't need the CRC; unzip would warn).
+    deferred: (tensor of obj, job that fills it) pairs, e.g. LoRA merges: they run in a thread while the file is
+    written, and a tensor's bytes are written once its job is done, so the file is the one torch.save writes after
+    them. (Without a CRC the zip writer reads a tensor's bytes only when it writes them; torch writes the tensors in
+    the dict's order, the order the jobs run in.)
+    """
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        atomic_write(path, lambda f: save_while_computing(obj, deferred, f) if deferred else torch.save(obj, f))
+    finally:
+        torch.serialization.set_crc32_options(previous)
+
+
+def save_while_computing(obj, deferred, f):
+    done = [threading.Event() for _ in deferred]
+    errors = []
+    def compute():
+        for (_, job), event in zip(deferred, done):
+            try:
+                if not errors:
+                    job()
+            except BaseException as e: # raised below, after torch.save: the file is then discarded
+                errors.append(e)
+            event.set()
+    thread = threading.Thread(target=compute, name=f'merge for {f}')
+    thread.start()
+    try:
+        torch.save(obj, HoldBack(f, [(t.data_ptr(), t.data_ptr() + t.nbytes, e) for (t, _), e in zip(deferred, done)]))
+    finally:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+class HoldBack:
+    """ a file for torch.save: a write of bytes that lie in a pending tensor waits until its job is done """
+
+    def __init__(self, f, pending):
+        self.f, self.pending = f, pending # [(start address, end address, done event)]
+
+    def write(self, data):
+        view = memoryview(data)
+        if view.nbytes and self.pending:
+            start = np.frombuffer(view.cast('B'), np.uint8).ctypes.data
+            for lo, hi, done in self.pending:
+                if lo < start + view.nbytes and start < hi:
+                    done.wait()
+        return self.f.write(data)
+
+    def flush(self):
+        return self.f.flush() if hasattr(self.f, 'flush') else None
+
+
+def load_tensors(path, map_location='cpu', mmap=False):
+    # mmap: tensors are read from disk when first touched (a large optimizer state that is never used, never is)
+    try:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not (mmap and 'mmap can only be used' in str(e)):
+                raise
+            return torch.load(path, map_location=map_location, weights_only=True) # an old-style (non-zip) file
+    except pickle.UnpicklingError as e:
+        # torch reports both a class reference (unsafe to load) and plain garbage through this error
+        reference = [line.strip() for line in str(e).splitlines() if 'GLOBAL' in line or 'global' in line][:1]
+        if not reference:
+            detail = [line.strip() for line in str(e).splitlines() if line.strip().startswith('Unsupported')][:1]
+            raise CheckpointError(f'{path} is not a PyTorch checkpoint (damaged, truncated, or another kind of file): '
+                                  f'{detail[0] if detail else str(e).splitlines()[0]}') from None
+        raise CheckpointError(
+            f'{path} holds more than tensors and plain containers, so it was not loaded: unpickling it could run '
+            f'code. torch said: {reference[0]}') from None
+    except FileNotFoundError:
+        raise CheckpointError(f'{path} does not exist') from None
+    except IsADirectoryError:
+        raise CheckpointError(f'{path} is a directory, expected a PyTorch checkpoint file') from None
+    except Exception as e: # truncated or damaged zip, empty file, a text file
+        raise CheckpointError(f'{path} could not be read as a PyTorch tensor file: {what_file_holds(path)} '
+                              f'(torch said {type(e).__name__}: {e})') from None
+
+
+def what_file_holds(path):
+    """ a few words on a file that torch could not read, from its first bytes """
+    with open(path, 'rb') as f:
+        head = f.read(16)
+    if not head:
+        return 'the file is empty'
+    if head.startswith(b'PK\x03\x04'):
+        return 'it is a zip archive, but not a complete PyTorch one (truncated or damaged)'
+    if head[:1] == b'\x80':
+        return 'it is a pickle stream, truncated or damaged'
+    return f'it starts with {head!r}: not a zip archive or a pickle, so not a PyTorch file'
+
+
+def load_verified(directory, name, manifest):
+    """ a tensor file of a committed directory: its checksum first (a damaged file is named, never unpickled),
+    then mapped (read by the page, when touched; the pages the checksum read are still cached) """
+    verify_file(directory, name, manifest)
+    return load_tensors(os.path.join(directory, name), mmap=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.commit import CheckpointError, commit_directory, write_json
+from core.commit import CheckpointError, atomic_write, commit_directory, load_tensors, write_json
 
 HF_WEIGHTS = 'model.safetensors' # transformers' file name for the weights
 
@@ -179,7 +179,6 @@ def write_hf_dir(out_dir, config, state_dict, tokenizer, about, tied=True):
 
 def read_hf(path):
     """ (GPTConfig fields, standard nanoGPT state dict) of a local Hugging Face GPT-2 directory """
-    from core.checkpoint import load_tensors # the one guarded torch.load
     path = Path(path)
     cfg = json.loads((path / 'config.json').read_text())
     if cfg.get('model_type') != 'gpt2':
@@ -226,7 +225,6 @@ def export_nanogpt(model, path, step=0, best_val_loss=None, named_optimizer=None
     (empty moments when the checkpoint had none). Plain tensors, numbers, strings only. A char vocabulary also
     goes beside it as nanoGPT's meta.pkl, which its sample.py reads from data/<dataset>/. Returns the files written.
     """
-    from core.commit import atomic_write
     if Path(path).is_dir() or str(path).endswith(('/', os.sep)):
         raise CheckpointError(f'{path} names a directory: a nanoGPT checkpoint is one file; name it, e.g. {Path(path) / "ckpt.pt"}')
     config = model.config

@@ -39,7 +39,7 @@ def sha(path):
 def test_the_lora_merge_overlapped_with_the_write_gives_the_same_bytes(tmp_path):
     # save_bundle merges the LoRA weights while model.pt is being written: the file must be the one torch.save
     # writes of the merges done first (checked with enough weights that the writer really waits for some)
-    from core.checkpoint import save_tensors
+    from core.commit import save_tensors
     model, optimizer, _ = trained_model(n_layer=4, n_embd=64, attn_lora_rank=4, mlp_lora_rank=4, embedding_mode='lora',
                                         embedding_rank=4)
     with torch.no_grad():
