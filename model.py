@@ -369,7 +369,7 @@ class GPT(nn.Module):
         flops_promised = 312e12 # A100 GPU bfloat16 peak flops is 312 TFLOPS
         return flops_achieved / flops_promised
 
-    # seed 003's notebook-style API: thin calls into core/checkpoint.py and core/training.py
+    # the bundle format's notebook-style API: thin calls into core/checkpoint.py and core/training.py
 
     def save(self, checkpoint_dir):
         """ only model.pt: the universal merged weights """
@@ -600,7 +600,8 @@ def check_state_dict_fits(target, mapped, source, model_name, allowed_missing=()
 
 
 # -----------------------------------------------------------------------------
-# modded-nanogpt models, for fine-tuning its pretraining checkpoints (facts: shared/docs/modded_nanogpt_formats.md).
+# modded-nanogpt models, for fine-tuning its pretraining checkpoints (the layouts and forward math of its
+# train_gpt_small.py and train_gpt_medium.py).
 # GPTFlexAttention has exactly the keys of train_gpt_small.py's checkpoints; GPTBatched the keys of
 # train_gpt_medium.py's (qkvo_w, fc_w, proj_w) and runs batched, right-padded input by the rules of the
 # architecture its weights came from. Attention is plain causal attention, which is what the pretraining

@@ -1,5 +1,5 @@
 """
-The checkpoint compatibility suite (seed 000): small models are trained a few steps with the real train.py,
+The checkpoint compatibility suite: small models are trained a few steps with the real train.py,
 saved, and loaded in every direction: standard -> LoRA, LoRA -> standard, rank change, same-config resume,
 nanoGPT's ckpt.pt and legacy files. Each check measures: logits or losses before and after, keys, optimizer
 tensors carried over by name, and clear errors for bad input.
@@ -122,7 +122,7 @@ def test_optimizer_by_name(tmp_path):
     optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.99), 'cpu')
     ids = torch.randint(0, 40, (2, 16))
     model.fit([(ids, ids)] * 3, optimizer, max_iters=2, log_interval=0)
-    model.save_checkpoint_bundle(tmp_path / 'b', step=2, optimizer_state=optimizer.state_dict())  # seed 003's call
+    model.save_checkpoint_bundle(tmp_path / 'b', step=2, optimizer_state=optimizer.state_dict())  # the bundle format's call
     saved = torch.load(tmp_path / 'b' / 'optimizer.pt', weights_only=True)
     assert 'transformer.h.1.ln_2.weight' in saved['state']  # keyed by name, not position
     manager = CheckpointManager('b', root=str(tmp_path))
@@ -166,7 +166,7 @@ def test_nanogpt_checkpoint_resumes_with_lora_inspects_and_generates(tmp_path):
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest  # never modified
 
 
-def test_seed_003_model_name_migrates_legacy(tmp_path):
+def test_model_name_migrates_legacy(tmp_path):
     """`train.py --model_name dante` resumes checkpoints/dante/latest.pt and writes a bundle beside it"""
     run_train(tmp_path, '--out_dir', 'std', '--max_iters', 10)
     ck = read_checkpoint(tmp_path / 'std')

@@ -33,7 +33,7 @@ from core.commit import is_plain_name, lock_writer
 from core.interop import GPT2_NAMES, pretrained_gpt2_dir
 from core.sharded import is_sharded, shard_model
 from core.tokenizer import TokenizerError
-from core.training import get_lr, set_lr, train_step, estimate_loss, save_checkpoint
+from core.training import get_lr, set_lr, train_step, estimate_loss, save_checkpoint, resume_check_line
 from data.prepare import DatasetError, load_meta, prepare
 
 # -----------------------------------------------------------------------------
@@ -172,7 +172,7 @@ if embedding_mode == 'standard' and embedding_rank > 0:
 if model_name:
     if out_dir != 'out':
         log(f"note: out_dir = {out_dir!r} is not used: with model_name, checkpoints live in checkpoints/{model_name}")
-    out_dir = config['out_dir'] = os.path.join('checkpoints', model_name) # seed 003's layout
+    out_dir = config['out_dir'] = os.path.join('checkpoints', model_name) # the bundle format's layout
 if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     fail(f'out_dir = {out_dir!r} is a file: checkpoints are written as a directory there; name a directory')
 
@@ -462,8 +462,7 @@ while True:
             differ = [f"{k} {theirs[k]} then, {config[k]} now" for k in ('dataset', 'batch_size', 'block_size', 'eval_iters')
                       if k in theirs and theirs[k] != config[k]]
             why = f"; not comparable, other evaluation batches: {', '.join(differ)}" if differ else ''
-            log(f"resume check: val loss {losses['val']:.6f} now, {stored:.6f} stored in the checkpoint "
-                  f"(|diff| {abs(losses['val'] - stored):.1e}{why})")
+            log(resume_check_line(losses['val'], stored, why))
         if wandb_log and master_process:
             wandb_run.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'], "lr": lr,
                            **({"mfu": running_mfu*100} if running_mfu >= 0 else {})}) # -1: not measured yet

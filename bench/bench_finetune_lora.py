@@ -1,6 +1,6 @@
 """
 LoRA fine-tuning vs full fine-tuning of a modded-nanogpt checkpoint, on the generated Hindi NLI task of
-tests/xnli_fixture.py (make_hf_datasets: 240 train / 60 validation / 90 test examples) with a random-weight
+data/synthetic_xnli.py (make_hf_datasets: 240 train / 60 validation / 90 test examples) with a random-weight
 small-layout checkpoint: trainable parameters, time per step (as a ratio to full fine-tuning, measured in the same
 run) and test accuracy. One CPU thread; the numbers printed are what the README quotes.
 $ python bench/bench_finetune_lora.py [--model_dim 128] [--epochs 3]
@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 
 from core.tokenizer import hf_spec_from_file, load_tokenizer  # noqa: E402
 from load_checkpoint_helper import make_random_checkpoint  # noqa: E402
-from tests.xnli_fixture import make_examples, make_hf_datasets, round_up, train_tokenizer  # noqa: E402
+from data.synthetic_xnli import make_examples, make_hf_datasets, round_up, train_tokenizer  # noqa: E402
 
 
 def run(work, mode_args, common):

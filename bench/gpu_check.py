@@ -35,10 +35,9 @@ from model import GPT, GPTConfig
 from core.args import Parser
 from core.checkpoint import CheckpointManager, read_checkpoint, rng_state, save_bundle
 from core.cli import SetupError, check_device
-from core.training import train_step
+from core.training import read_resume_check as resume_check, train_step
 from data.prepare import prepare
 from load_checkpoint_helper import load_pretrained_checkpoint, make_random_checkpoint
-from tests.helpers import resume_check
 from bench.bench_checkpoint import evict, raw_write, read_pass
 
 SIZES = { # the chain's model and batches (train.py's flags), the figures' model and batch
@@ -224,7 +223,7 @@ def modded(device, work):
 def finetune(device, work):
     """ a few fine-tuning steps on a generated small-layout checkpoint and synthetic XNLI data """
     from core.tokenizer import hf_spec_from_file, load_tokenizer
-    from tests.xnli_fixture import make_xnli_data, round_up
+    from data.synthetic_xnli import make_xnli_data, round_up
     root = Path(work) / 'xnli'
     data_dir, tokenizer = make_xnli_data(root, n_dev=400, n_test=90)
     vocab = round_up(load_tokenizer(hf_spec_from_file(tokenizer)).vocab_size)

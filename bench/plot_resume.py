@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from core.args import Parser
-from tests.helpers import resume_check
+from core.training import read_resume_check as resume_check
 
 N, K, M = 40, 20, 30 # steps in all, the interruption, the rank change of (d)
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=4', '--eval_iters=5',

@@ -1,5 +1,5 @@
 """
-The checkpoint bundle: one directory per checkpoint (seed 003's layout).
+The checkpoint bundle: one directory per checkpoint.
 
   model.pt             the universal merged weights: a flat dict name -> tensor under standard nanoGPT keys
   config.json          the architecture of those weights (GPTConfig, adapter ranks 0) and a format version
@@ -37,8 +37,8 @@ from core.commit import (MANIFEST_FILE, PREVIOUS, SAVING, CheckpointError, Damag
                          read_json, read_manifest, save_tensors, verify_file, write_json)
 from core.interop import (EXPORT_STATE, HF_WEIGHTS, export_hf, export_nanogpt, export_state_file, is_hf_dir, model_card,
                           read_hf, tokenizer_files, write_hf_dir)
-from core.peft_adapter import BASE_DIR, PEFT_WEIGHTS, find_base, is_peft_dir, read_adapter, write_peft_dir
-from core.sharded import (HEAD, is_shard_file, is_sharded, is_sharded_dir, load_optimizer_state, on_all_processes,
+from core.peft_adapter import BASE_DIR, PEFT_CONFIG, PEFT_WEIGHTS, find_base, is_peft_dir, read_adapter, write_peft_dir
+from core.sharded import (HEAD, METADATA, is_shard_file, is_sharded, is_sharded_dir, load_optimizer_state, on_all_processes,
                           open_shards, read_metadata, read_optimizer, read_part, read_shards_like, save_group, shapes,
                           sharded_tensors, staged_shards, write_shards)
 from core.tokenizer import char_spec, load_tokenizer, spec_from_hf_tokenizer, spec_vocab_size
@@ -671,7 +671,7 @@ def read_sharded(path, meta_path=None):
 
 def read_bundle(path, meta_path=None, kind='bundle'):
     # every listed file there, at its size, else DamagedError naming the file; the JSON files may have been
-    # edited by hand (seed 003 invites it for batch_size, device, dropout): they are validated as they are read
+    # edited by hand (the bundle format invites it for batch_size, device, dropout): they are validated as they are read
     manifest = check_sizes(path, editable=JSON_FILES)
     notes = [] if manifest else ['no manifest.json (written by hand or by an older version): checksums not verified']
     def read(name):
@@ -804,6 +804,7 @@ class Kind:
     read: object        # (path, meta_path) -> Checkpoint
     write: object       # (checkpoint, standard model, out path, force) -> None: convert --to NAME; None: no writer
     gpt: bool = True    # False: not a GPT language model; inspected, and refused by train, generate and convert
+    looks: str = ''     # what it is on disk, for the message that no checkpoint was found ('' : never read)
 
 
 def write_bundle(ck, model, out, force=False):
@@ -871,15 +872,18 @@ def write_nanogpt(ck, model, out, force=False):
 # cannot exist in one tool and not another. Recognised in this order: the first row whose recognise() answers.
 KINDS = {
     'hf': Kind('Hugging Face GPT-2 directory (transformers)', lambda p: p if p.is_dir() and is_hf_dir(p) else None,
-               read_hf_checkpoint, write_hf),
+               read_hf_checkpoint, write_hf, looks=f'a Hugging Face GPT-2 directory (config.json + {HF_WEIGHTS})'),
     'classifier': Kind('Fine-tuned classifier (finetune_hindi_xnli.py), not a GPT language model',
                        lambda p: p if p.is_dir() and config_kind(p) == 'nli_classifier' else None, read_classifier,
-                       None, gpt=False),
+                       None, gpt=False, looks='a fine-tuned classifier directory'),
     'peft': Kind('peft LoRA adapter with its base (Hugging Face GPT-2)', lambda p: p if p.is_dir() and is_peft_dir(p) else None,
-                 read_peft, write_peft),
-    'sharded': Kind('Sharded checkpoint (FSDP, torch.distributed.checkpoint)', sharded_dir, read_sharded, None),
-    'bundle': Kind('New JSON-based format', bundle_dir, read_bundle, write_bundle),
-    'legacy': Kind('Legacy single file', legacy_file, read_legacy, None),
+                 read_peft, write_peft, looks=f'a peft adapter directory ({PEFT_CONFIG} + {PEFT_WEIGHTS})'),
+    'sharded': Kind('Sharded checkpoint (FSDP, torch.distributed.checkpoint)', sharded_dir, read_sharded, None,
+                    looks=f'a sharded checkpoint ({CONFIG_FILE} + {METADATA} + shards)'),
+    'bundle': Kind('New JSON-based format', bundle_dir, read_bundle, write_bundle,
+                   looks=f'a bundle ({CONFIG_FILE} + {MODEL_FILE})'),
+    'legacy': Kind('Legacy single file', legacy_file, read_legacy, None,
+                   looks=f'a directory holding one of {", ".join(LEGACY_NAMES)}, or a checkpoint file'),
     'nanogpt': Kind('Legacy single file (nanoGPT ckpt.pt)', None, None, write_nanogpt),
 }
 WRITABLE = tuple(name for name, kind in KINDS.items() if kind.write)
@@ -911,9 +915,7 @@ def read_checkpoint(path, legacy_file=None, meta_path=None):
                               f'{", ".join(sorted(os.listdir(path))[:8]) or "nothing"})' if Path(path).is_dir() else
                               f'--legacy_checkpoint {legacy_file}: no such file, and {path} is not a directory')
     if found is None:
-        expected = (f'a bundle (config.json + model.pt), a sharded checkpoint (config.json + .metadata + shards), a '
-                    f'Hugging Face GPT-2 or peft adapter directory, a directory holding one of {", ".join(LEGACY_NAMES)}, '
-                    f'or a checkpoint file')
+        expected = '; '.join(kind.looks for kind in KINDS.values() if kind.looks)
         if Path(path).is_dir():
             raise CheckpointError(f'no checkpoint in the directory {path}: expected {expected}; found '
                                   f'{", ".join(sorted(os.listdir(path))[:8]) or "nothing"}')
@@ -936,7 +938,7 @@ def read_checkpoint(path, legacy_file=None, meta_path=None):
 
 
 # -----------------------------------------------------------------------------
-# the manager of seed 003
+# the manager of the bundle format's Python API
 
 class CheckpointManager:
     """ checkpoints/<model_name>/ as a bundle, with legacy files read from the same place """

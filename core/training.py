@@ -99,3 +99,15 @@ def save_checkpoint(out_dir, model, optimizer, iter_num, best_val_loss, val_loss
                             run_config=run_config, extra_state=extra, background=background)
     return save_bundle(out_dir, model, iter_num, optimizer, best_val_loss=best_val_loss, val_loss=val_loss,
                        run_config=run_config, extra_state=extra, background=background)
+
+
+def resume_check_line(now, stored, why=''):
+    """ what a resumed run prints: its first evaluation beside the val loss stored with its checkpoint """
+    return f"resume check: val loss {now:.6f} now, {stored:.6f} stored in the checkpoint (|diff| {abs(now - stored):.1e}{why})"
+
+
+def read_resume_check(output):
+    """ (now, stored) val losses from a run's output, as resume_check_line wrote them """
+    line = next(l for l in output.splitlines() if l.startswith('resume check:'))
+    words = line.replace(',', '').split()
+    return float(words[4]), float(words[6])

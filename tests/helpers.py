@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from model import GPT, GPTConfig
+from core.training import read_resume_check
 from tests.launcher import run_python
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,11 +42,7 @@ def losses_by_iter(output):
             for line in output.splitlines() if line.startswith('iter ')}
 
 
-def resume_check(output):
-    """ (now, stored) val losses from train.py's resume check line """
-    line = next(l for l in output.splitlines() if l.startswith('resume check:'))
-    words = line.replace(',', '').split()
-    return float(words[4]), float(words[6])
+resume_check = read_resume_check # (now, stored) val losses from train.py's resume check line
 
 
 def make_nanogpt_checkpoint(directory, vocab_chars, n_layer=2, n_head=2, n_embd=32, block_size=32, steps=3,

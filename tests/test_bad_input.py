@@ -16,7 +16,7 @@ from load_checkpoint_helper import make_random_checkpoint
 from core.checkpoint import read_checkpoint, save_bundle
 from model import GPT, GPTConfig
 from tests.helpers import run_script
-from tests.xnli_fixture import make_hf_datasets, make_xnli_data, round_up
+from data.synthetic_xnli import make_hf_datasets, make_xnli_data, round_up
 
 # ----------------------------------------------------------------------------- files the cases use
 
@@ -115,7 +115,7 @@ def edited(d, name, file_name, **fields):
 
 
 def hub(d, *more):
-    """ a local dataset folder as --parent_dataset, the fork's way: hf/xnli-hi of tests/xnli_fixture.py """
+    """ a local dataset folder as --parent_dataset, the fork's way: hf/xnli-hi of data/synthetic_xnli.py """
     make_hf_datasets(d, 30, 9, 9)
     return ['--parent_dataset', 'hf/xnli-hi', '--no_subset', *more]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from model import GPT, CheckpointMismatchError, GPTConfig
-from core.checkpoint import (CheckpointError, CheckpointManager, apply_optimizer_state, named_optimizer_state,
+from core.checkpoint import (KINDS, CheckpointError, CheckpointManager, apply_optimizer_state, named_optimizer_state,
                              positional_names, read_checkpoint, read_meta_pkl, rng_state, save_bundle, set_rng_state)
 from core.training import estimate_loss, get_lr, save_checkpoint, set_lr, train_step
 from tests.helpers import make_nanogpt_checkpoint, run_script, run_train
@@ -156,6 +156,7 @@ def test_a_missing_checkpoint_names_every_kind_and_the_near_miss(tmp_path):
         read_checkpoint(tmp_path / 'out-fsdpp')
     assert 'nothing is there (did you mean' in str(error.value) and str(tmp_path / 'out-fsdp') + '?' in str(error.value)
     assert 'a sharded checkpoint (config.json + .metadata + shards)' in str(error.value) # as for an empty directory
+    assert all(kind.looks and kind.looks in str(error.value) for kind in KINDS.values() if kind.read) # each kind read
     with pytest.raises(CheckpointError, match=r'a sharded checkpoint \(config.json \+ .metadata \+ shards\)'):
         read_checkpoint(tmp_path / 'out-fsdp')
 

@@ -2,7 +2,7 @@
 finetune_hindi_xnli.py as the modded-nanogpt fork's users run it (issue 12): data through Hugging Face `datasets`
 (a local dataset folder as --parent_dataset, a save_to_disk folder, parquet files), any number of text columns and
 classes, the fork's flags, and --eval_only's results_<label>.json checked against scikit-learn. The data is tiny
-and made by `datasets` itself (tests/xnli_fixture.py: make_hf_datasets); everything runs offline.
+and made by `datasets` itself (data/synthetic_xnli.py: make_hf_datasets); everything runs offline.
 """
 
 import argparse
@@ -17,7 +17,7 @@ from core.finetune_data import find_tokenizer
 from core.tokenizer import TokenizerError, hf_spec_from_file, load_tokenizer
 from load_checkpoint_helper import load_pretrained_checkpoint, make_random_checkpoint
 from tests.helpers import interrupted_after_first_save, run_script
-from tests.xnli_fixture import LABELS, make_hf_datasets, round_up, train_tokenizer, make_examples
+from data.synthetic_xnli import LABELS, make_hf_datasets, round_up, train_tokenizer, make_examples
 
 SCRIPT = 'finetune_hindi_xnli.py'
 TINY = dict(num_layers=8, num_heads=2, model_dim=64, head_dim=32)

@@ -18,7 +18,7 @@ from core.tokenizer import hf_spec_from_file, load_tokenizer
 from load_checkpoint_helper import make_random_checkpoint
 from model import GPTBatched
 from tests.helpers import interrupted_after_first_save, run_script
-from tests.xnli_fixture import (LABELS, XNLI_COLUMNS, make_examples, make_xnli_data, round_up, sentence,
+from data.synthetic_xnli import (LABELS, XNLI_COLUMNS, make_examples, make_xnli_data, round_up, sentence,
                                 train_tokenizer)
 
 SCRIPT = 'finetune_hindi_xnli.py'

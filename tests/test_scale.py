@@ -64,7 +64,7 @@ def test_wandb_offline_run_of_train_records_losses_lr_and_checkpoints(tmp_path):
 
 def test_wandb_offline_run_of_finetuning_records_metrics_and_checkpoints(tmp_path):
     from load_checkpoint_helper import make_random_checkpoint
-    from tests.xnli_fixture import make_xnli_data, round_up
+    from data.synthetic_xnli import make_xnli_data, round_up
     from tokenizers import Tokenizer
     data_dir, tokenizer = make_xnli_data(tmp_path, n_dev=200, n_test=30)
     vocab = round_up(Tokenizer.from_file(str(tokenizer)).get_vocab_size())

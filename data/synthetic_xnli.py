@@ -1,7 +1,8 @@
 """
-Synthetic XNLI data for the fine-tuning tests, generated into a temporary directory (no data files in the repo):
-Hindi sentences from templates with a learnable rule, written as the XNLI 1.0 release's TSV (with rows of other
-languages that must be filtered out), and a small byte-level BPE tokenizer trained on that text.
+Synthetic XNLI data for the fine-tuning tests, the benchmarks and the README's examples, generated into a
+directory (no data files in the repo): Hindi sentences from templates with a learnable rule, written as the XNLI 1.0
+release's TSV (with rows of other languages that must be filtered out), and a small byte-level BPE tokenizer trained
+on that text.
 
   entailment     the hypothesis is the premise's own sentence
   contradiction  the premise's sentence with नहीं inserted before the verb
