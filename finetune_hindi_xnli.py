@@ -36,7 +36,7 @@ from model import CheckpointMismatchError, add_modded_lora, modded_lora_state, s
 from core.checkpoint import (JSON_FILES, CheckpointError, check_sizes, commit_directory, load_verified, read_json,
                              rng_state, save_tensors, set_rng_state, write_json)
 from core.args import Parser
-from core.cli import SetupError, check_device, start_wandb
+from core.cli import DEFAULT_DTYPE, DTYPES, SetupError, check_device, start_wandb
 from core.commit import is_plain_name, recover
 from core.finetune_data import (LABELS, DataError, dataset_splits, find_tokenizer, load_splits,
                                  read_examples)
@@ -103,8 +103,7 @@ def get_args(argv=None):
     a('--seed', type=int, default=1337)
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     a('--no_cuda', action='store_true', help='same as --device cpu')
-    a('--dtype', choices=['float32', 'bfloat16', 'float16'],
-      default='bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32')
+    a('--dtype', choices=DTYPES, default=DEFAULT_DTYPE)
     a('--wandb_log', action='store_true'); a('--wandb_project', default='hindi-xnli'); a('--wandb_run_name')
     a('--debug', action='store_true', help='show the full traceback on errors')
     args = p.parse_args(argv)

@@ -11,7 +11,8 @@ import torch
 
 from core.checkpoint import CheckpointError
 from core.args import Parser, at_least
-from core.cli import DTYPES, SetupError, add_checkpoint_args, check_device, open_checkpoint, run
+from configurator import ConfigError
+from core.cli import DEFAULT_DTYPE, DTYPES, SetupError, add_checkpoint_args, check_device, open_checkpoint, run
 from core.tokenizer import load_tokenizer
 
 
@@ -36,7 +37,7 @@ def read_prompt(start):
 def main(args):
     check_device(args.device)
     if not args.temperature > 0:
-        raise CheckpointError(f'--temperature {args.temperature}: it must be above 0 (1.0 = no change, < 1.0 = less random)')
+        raise ConfigError(f'--temperature {args.temperature}: it must be above 0 (1.0 = no change, < 1.0 = less random)')
     start = read_prompt(args.start) # before the model is read: a wrong prompt file is said at once
     ck = open_checkpoint(args)
     if ck.tokenizer is None:
@@ -72,6 +73,6 @@ if __name__ == '__main__':
     parser.add_argument('--top_k', type=at_least(1), default=200, help='keep only the top_k most likely tokens')
     parser.add_argument('--seed', type=at_least(0), default=1337)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--dtype', choices=DTYPES, default='bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16' if torch.cuda.is_available() else 'float32')
+    parser.add_argument('--dtype', choices=DTYPES, default=DEFAULT_DTYPE)
     parser.add_argument('--compile', action='store_true')
     run(main, parser.parse_args())

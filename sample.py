@@ -14,8 +14,7 @@ import torch
 
 import generate
 from configurator import ConfigError, apply_config
-from core.checkpoint import CheckpointError
-from core.cli import DTYPES, run
+from core.cli import DEFAULT_DTYPE, DTYPES, run
 from core.interop import GPT2_NAMES, pretrained_gpt2_dir
 
 # -----------------------------------------------------------------------------
@@ -29,8 +28,7 @@ config = dict(
     top_k=200, # retain only the top_k most likely tokens
     seed=1337,
     device='cuda' if torch.cuda.is_available() else 'cpu',
-    dtype='bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16'
-          if torch.cuda.is_available() else 'float32',
+    dtype=DEFAULT_DTYPE,
     compile=False,
     debug=False, # the traceback of errors that are otherwise one paragraph
 )
@@ -41,9 +39,9 @@ LEAST = {'num_samples': 1, 'max_new_tokens': 0, 'top_k': 1, 'seed': 0}
 def sample(args):
     for key, least in LEAST.items():
         if getattr(args, key) < least:
-            raise CheckpointError(f'{key} = {getattr(args, key)} cannot be used: it must be at least {least}')
+            raise ConfigError(f'{key} = {getattr(args, key)} cannot be used: it must be at least {least}')
     if args.dtype not in DTYPES:
-        raise CheckpointError(f'dtype = {args.dtype!r} cannot be used: it must be one of {", ".join(DTYPES)}')
+        raise ConfigError(f'dtype = {args.dtype!r} cannot be used: it must be one of {", ".join(DTYPES)}')
     where = (args.out_dir if args.init_from == 'resume' else
              pretrained_gpt2_dir(args.init_from) if args.init_from in GPT2_NAMES else args.init_from)
     generate.main(argparse.Namespace(**vars(args), path=None, checkpoint=where, model_name=None, legacy_checkpoint=None,

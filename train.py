@@ -27,7 +27,7 @@ from model import GPTConfig, GPT, ADAPTER_FIELDS, BASE_FIELDS, CheckpointMismatc
 from configurator import apply_config, ConfigError
 from core.checkpoint import (CheckpointError, read_checkpoint, read_peft, find_checkpoint, describe_load, wait_for_saves,
                              apply_optimizer_state, set_rng_state, rng_state)
-from core.cli import SetupError, check_device, start_wandb, tell_torchrun
+from core.cli import DEFAULT_DTYPE, SetupError, check_device, start_wandb, tell_torchrun
 from core.distributed import end_process_group
 from core.commit import is_plain_name, lock_writer
 from core.interop import GPT2_NAMES, pretrained_gpt2_dir
@@ -93,7 +93,7 @@ backend = 'nccl' if torch.cuda.is_available() else 'gloo'
 fsdp = False # under torchrun: shard parameters, gradients and optimizer state across the processes (FSDP2), not copy them (DDP)
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu' # or 'cpu', 'cuda:0', 'mps'
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16' if torch.cuda.is_available() else 'float32'
+dtype = DEFAULT_DTYPE # 'bfloat16' where the GPU has it, else 'float16' on a GPU, else 'float32'
 compile = False # use PyTorch 2.0 to compile the model to be faster
 seed = 1337
 debug = False # show the traceback of errors that are otherwise reported in one paragraph

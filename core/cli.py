@@ -11,6 +11,7 @@ import traceback
 
 import torch
 
+from configurator import ConfigError
 from model import CheckpointMismatchError
 from core.checkpoint import CheckpointError, read_checkpoint
 from core.tokenizer import TokenizerError
@@ -21,8 +22,11 @@ class SetupError(Exception):
     """ a run that cannot start as asked (a device this machine lacks, no wandb login, a prompt file): one paragraph """
 
 
-CLEAR_ERRORS = (CheckpointError, CheckpointMismatchError, TokenizerError, SetupError, OSError)
+CLEAR_ERRORS = (CheckpointError, CheckpointMismatchError, TokenizerError, SetupError, ConfigError, OSError)
 DTYPES = ('float32', 'bfloat16', 'float16')
+# nanoGPT's default, for every tool: bfloat16 where the GPU has it, else float16 on a GPU (with a GradScaler), else float32
+DEFAULT_DTYPE = ('bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else
+                 'float16' if torch.cuda.is_available() else 'float32')
 
 
 def check_device(device, name='--device', fix='--device cpu'):
