@@ -33,7 +33,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, fbeta_sc
 
 from load_checkpoint_helper import ModdedCheckpointError, load_pretrained_checkpoint
 from model import CheckpointMismatchError, add_modded_lora, modded_lora_state, set_modded_lora_factors
-from core.checkpoint import (JSON_FILES, CheckpointError, check_sizes, commit_directory, load_verified, read_json,
+from core.checkpoint import (BUNDLE_FILES, JSON_FILES, CheckpointError, check_sizes, commit_directory, load_verified, read_json,
                              rng_state, save_tensors, set_rng_state, write_json)
 from core.args import Parser
 from core.cli import DEFAULT_DTYPE, DTYPES, SetupError, check_device, start_wandb
@@ -242,7 +242,7 @@ def lr_factor(step, total_steps, warmup_steps):
     return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer, factor):
+def scale_lrs(optimizer, factor):
     # every group scales its OWN base lr by the same factor, so the pretrained : head ratio holds at every step
     for g in optimizer.param_groups:
         g['lr'] = g['base_lr'] * factor
@@ -284,18 +284,15 @@ def evaluate(model, data, batch_size, device, ctx, names=LABELS, keep_outputs=Fa
     return {'loss': loss_sum / len(data), **metrics(gold, pred, names), **outputs}
 
 
-def describe(m):
+def describe_metrics(m):
     per_class = ' '.join(f'{k} {"-" if v is None else f"{v:.3f}"}' for k, v in m['per_class'].items())
     return f"loss {m['loss']:.4f}, accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} ({per_class})"
 
 # -----------------------------------------------------------------------------
-# bundles: <out_dir>/best and <out_dir>/last
+# bundles: <out_dir>/best and <out_dir>/last (a GPT bundle's files: BUNDLE_FILES)
 
 
-BUNDLE_FILES = ('model.pt', 'config.json', 'tokenizer.json', 'training_state.json', 'optimizer.pt', 'adapter.pt')
-
-
-def save_bundle(path, model, config, tokenizer_spec, state, optimizer=None):
+def save_classifier(path, model, config, tokenizer_spec, state, optimizer=None):
     """
     Written whole into a hidden sibling directory, then swapped in: the old bundle stays until the new is whole.
     model.pt holds the merged weights under the layout's own keys, with or without LoRA; with the optimizer (last/)
@@ -318,7 +315,7 @@ def read_bundle_tensors(path, name):
     return load_verified(path, name, check_sizes(path, editable=JSON_FILES)) # sizes, then checksum, then load
 
 
-def load_bundle(path, device='cpu'):
+def load_classifier(path, device='cpu'):
     """ (classifier, config, tokenizer spec) from a bundle written by this script """
     from model import GPTBatched
     config = read_json(os.path.join(path, 'config.json'))
@@ -366,10 +363,10 @@ def check_arch(args, arch, source):
 # -----------------------------------------------------------------------------
 
 
-def build_model(args, last_dir, names):
+def build_classifier(args, last_dir, names):
     """ (classifier, config, tokenizer spec, training state): from last/ on --resume, else the pretrained file """
     if args.resume and os.path.isdir(last_dir):
-        model, config, spec = load_bundle(last_dir, args.device)
+        model, config, spec = load_classifier(last_dir, args.device)
         if config['labels'] != list(names):
             raise CheckpointError(f"{last_dir} was trained for the classes {', '.join(config['labels'])}, but the data "
                                   f"has {', '.join(names)}: resume it on its own task, or start in another --out_dir")
@@ -471,7 +468,7 @@ def main(args):
 
     examples, valid, test, sources = load_splits(args)
     train, names = examples.rows, examples.names
-    model, config, spec, state = build_model(args, last_dir, names)
+    model, config, spec, state = build_classifier(args, last_dir, names)
     config.update(text_columns=examples.text_columns, label_column=examples.label_column) # what --eval_only reads
     tok = load_tokenizer(spec)
     sep = separator(tok)
@@ -537,7 +534,7 @@ def main(args):
             order = torch.randperm(len(train), generator=generator).tolist()
             order_epoch = epoch
         examples = order[b * per_step:(b + 1) * per_step]
-        set_lr(optimizer, schedule(step))
+        scale_lrs(optimizer, schedule(step))
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         # micro-batches; the loss is the (weighted) mean over the whole step, as one batch of them would give
@@ -569,12 +566,12 @@ def main(args):
                             **{k: val[k] for k in ('loss', 'accuracy', 'macro_f1')}})
             since_eval = []
             is_best = best is None or (val['accuracy'], -val['loss']) > (best['accuracy'], -best['loss'])
-            print(f'eval step {step} (epoch {step / steps_per_epoch:.2f}): val {describe(val)}'
+            print(f'eval step {step} (epoch {step / steps_per_epoch:.2f}): val {describe_metrics(val)}'
                   + ('  [best]' if is_best else ''))
             if is_best:
                 best = {**val, 'step': step}
-                save_bundle(best_dir, model, config, spec, training_state('best', val))
-            save_bundle(last_dir, model, config, spec, {**training_state('last', val), 'rng': rng_state()}, optimizer)
+                save_classifier(best_dir, model, config, spec, training_state('best', val))
+            save_classifier(last_dir, model, config, spec, {**training_state('last', val), 'rng': rng_state()}, optimizer)
             if run:
                 run.log({**{f'val/{k}': val[k] for k in ('loss', 'accuracy', 'macro_f1')},
                          **{f'val/acc_{k}': v for k, v in val['per_class'].items() if v is not None},
@@ -585,8 +582,8 @@ def main(args):
     # the test set is scored by best/ as reloaded from disk: exactly what a user would deploy
     if not os.path.isdir(best_dir):
         raise CheckpointError(f'{best_dir} does not exist: no evaluation has run (nothing was trained)')
-    model = load_bundle(best_dir, device)[0]
-    print(f"best: step {best['step']}, val {describe(best)}")
+    model = load_classifier(best_dir, device)[0]
+    print(f"best: step {best['step']}, val {describe_metrics(best)}")
     if test:
         res = {'split': 'test', 'test_file': sources['test'], **evaluate(model, test, args.batch_size * 2, device, ctx, names)}
     else:
@@ -595,7 +592,7 @@ def main(args):
     res.update(labels=list(names), language=sources['language'], best_step=best['step'], checkpoint=best_dir,
                best_validation=best)
     write_json(os.path.join(args.out_dir, 'results.json'), res)
-    print(f"{res['split']} ({res['num_examples']} examples): {describe(res)}")
+    print(f"{res['split']} ({res['num_examples']} examples): {describe_metrics(res)}")
     print('confusion matrix (rows gold, columns predicted):')
     print(f"{'':>14}" + ''.join(f'{l:>14}' for l in names))
     for label, row in zip(names, res['confusion_matrix']):
@@ -614,7 +611,7 @@ def evaluate_only(args):
         raise CheckpointError(f'--eval_only: {checkpoint} {found}; expected the best/ (or last/) directory this '
                               'script writes (--checkpoint_path DIR, or the --out_dir of the training run)')
     recover(checkpoint)
-    model, config, spec = load_bundle(checkpoint, args.device)
+    model, config, spec = load_classifier(checkpoint, args.device)
     # the columns the model was trained on, unless named here: phonemized runs read other columns than plain ones
     args = argparse.Namespace(**{**vars(args), 'text_column': args.text_column or config.get('text_columns'),
                                  'label_column': args.label_column or config.get('label_column')})

@@ -113,11 +113,11 @@ def inspect_checkpoint(path, num_heads=None, verbose=True):
                 embed_dtype=str(sd['embed.weight'].dtype).replace('torch.', ''),
                 block_dtype=str(sd[f'blocks.{attn_layers[0]}.attn.{qkv}'].dtype).replace('torch.', ''))
     if verbose:
-        print(describe(path, info))
+        print(describe_modded(path, info))
     return info, checkpoint
 
 
-def describe(path, info):
+def describe_modded(path, info):
     heads = (f"{info['num_heads']} ({info['heads_source']}; head_dim {info['head_dim']})" if info['num_heads']
              else f"unknown: no tensor shape tells it and ({info['num_layers']}, {info['model_dim']}) is not in the "
                   f"known table; pass it (--n_head)")

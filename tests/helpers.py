@@ -128,21 +128,21 @@ def wandb_offline_run(wandb_dir):
 
 
 def interrupted_after_first_save(monkeypatch, module, run):
-    """ run() with module.save_bundle crashing right after its first save of a last/ directory: a fine-tune cut
+    """ run() with module.save_classifier crashing right after its first save of a last/ directory: a fine-tune cut
     at its first evaluation, its last/ complete """
     import pytest
 
     class Crash(Exception):
         pass
-    save = module.save_bundle
+    save = module.save_classifier
     def save_then_crash(path, *a, **k):
         save(path, *a, **k)
         if os.path.basename(path) == 'last':
             raise Crash
-    monkeypatch.setattr(module, 'save_bundle', save_then_crash)
+    monkeypatch.setattr(module, 'save_classifier', save_then_crash)
     with pytest.raises(Crash):
         run()
-    monkeypatch.setattr(module, 'save_bundle', save)
+    monkeypatch.setattr(module, 'save_classifier', save)
 
 
 class Logits(torch.nn.Module):

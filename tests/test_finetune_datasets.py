@@ -85,7 +85,7 @@ def test_the_forks_readme_command_then_eval_only_like_its_evaluate_py(hf, tmp_pa
     assert r['confusion_matrix'] == confusion_matrix(gold, pred).tolist()
     assert r['accuracy'] == pytest.approx(results['accuracy'])  # the same test examples as the training run's
     # and the logits are the model's: the first examples recomputed from best/ in this process
-    model, config, spec = ft.load_bundle(str(tmp_path / 'out' / 'best'))
+    model, config, spec = ft.load_classifier(str(tmp_path / 'out' / 'best'))
     tok = load_tokenizer(spec)
     test = datasets.load_from_disk(str(hf.root / 'hf' / 'xnli-hi-disk'))['test']
     data = ft.encode_dataset([(p, h, y) for p, h, y in zip(test['premise'][:4], test['hypothesis'][:4], gold[:4])],
@@ -147,7 +147,7 @@ def test_gradient_accumulation_is_one_big_batch(hf, tmp_path, monkeypatch):
     # the sums run in another order, and 3 AdamW steps at lr 2e-3 move each weight by at most 6e-3: rounding stays
     # far below 1e-4 of it, while a step that drops a micro-batch moves the weights by the order of lr
     assert max((one[k].float() - two[k].float()).abs().max().item() for k in one) < 1e-4
-    fresh = ft.load_bundle(str(tmp_path / 'one' / 'last'))[0].state_dict()
+    fresh = ft.load_classifier(str(tmp_path / 'one' / 'last'))[0].state_dict()
     assert max((fresh[k].float() - one[k].float()).abs().max().item() for k in one) == 0
     pretrained = load_pretrained_checkpoint(hf.ckpt, num_heads=2, max_seq_len=256)[0].state_dict()
     assert max((one[f'backbone.{k}'].float() - v.float()).abs().max().item() for k, v in pretrained.items()) > 1e-3
@@ -181,14 +181,14 @@ def test_lora_fine_tuning_saves_merged_weights_and_resumes_its_adapters(hf, tmp_
     assert 'trained with: LoRA rank 4, alpha 8.0 on attention and MLP (merged in model.pt; the factors in adapter.pt)' in out
 
     # the LoRA model of last/ (merged weights + its factors, as --resume builds it) vs last/ loaded as a plain model
-    lora_model, config, spec, _ = ft.build_model(args('whole', '--resume'), str(last), list(LABELS))
+    lora_model, config, spec, _ = ft.build_classifier(args('whole', '--resume'), str(last), list(LABELS))
     trainable = {n for n, p in lora_model.named_parameters() if p.requires_grad}
     assert trainable and all('lora_' in n or n.startswith('head.') for n in trainable)
     # rank 4: 7 attention layers, qkvo_w a stack of 4 [64, 64] (A [4, 64], B [64, 4] each); 8 MLPs, fc_w [256, 64]
     # and proj_w [64, 256]
     assert sum(p.numel() for n, p in lora_model.named_parameters() if 'lora_' in n) == 7 * 4 * (4 * 64 + 64 * 4) + 8 * (
         (4 * 64 + 256 * 4) + (4 * 256 + 64 * 4))
-    plain = ft.load_bundle(str(last))[0]
+    plain = ft.load_classifier(str(last))[0]
     tok = load_tokenizer(spec)
     data = ft.encode_dataset([(p, h, y) for p, h, y in make_examples(16, 9)], tok, ft.separator(tok), 256,
                              config['vocab_size'], 'check')
@@ -204,7 +204,7 @@ def test_lora_fine_tuning_saves_merged_weights_and_resumes_its_adapters(hf, tmp_
     # cut after the save at step 3, resumed: adapters, base and optimizer state end where the whole run ends
     interrupted_after_first_save(monkeypatch, ft, lambda: ft.main(args('cut')))
     saved = torch.load(tmp_path / 'cut' / 'last' / 'adapter.pt', weights_only=True)
-    resumed, *_ = ft.build_model(args('cut', '--resume'), str(tmp_path / 'cut' / 'last'), list(LABELS))
+    resumed, *_ = ft.build_classifier(args('cut', '--resume'), str(tmp_path / 'cut' / 'last'), list(LABELS))
     assert all(torch.equal(resumed.state_dict()[k], v) for k, v in saved.items())  # the factors, by value
     ft.main(args('cut', '--resume'))
     for name in ('model.pt', 'adapter.pt', 'optimizer.pt'):

@@ -224,7 +224,7 @@ def test_the_schedule_keeps_each_groups_own_learning_rate_and_their_ratio():
     total, warmup, factors = 100, 10, []
     for step in (0, 5, 9, 10, 30, 60, 99):
         factors.append(ft.lr_factor(step, total, warmup))
-        ft.set_lr(opt, factors[-1])
+        ft.scale_lrs(opt, factors[-1])
         lrs = {g['name']: g['lr'] for g in opt.param_groups}
         assert lrs['pretrained'] == pytest.approx(3e-5 * factors[-1])
         assert lrs['head'] == pytest.approx(1e-3 * factors[-1])
@@ -258,7 +258,7 @@ def test_a_failed_save_keeps_the_old_bundle_whole(tmp_path, monkeypatch):
     info = dict(vocab_size=128, format='small', step=0, val_loss=None, **TINY)
     spec, config = {'token_kind': 'gpt2'}, ft.bundle_config(info, 'small', args_for(block_size=32))
     best = tmp_path / 'best'
-    ft.save_bundle(best, model, config, spec, {'step': 10})
+    ft.save_classifier(best, model, config, spec, {'step': 10})
     before = {p.name: p.read_bytes() for p in best.iterdir()}
     assert set(before) == {'model.pt', 'config.json', 'tokenizer.json', 'training_state.json', 'manifest.json'}
 
@@ -266,11 +266,11 @@ def test_a_failed_save_keeps_the_old_bundle_whole(tmp_path, monkeypatch):
         raise OSError('disk full')
     monkeypatch.setattr(ft, 'write_json', crash)
     with pytest.raises(OSError, match='disk full'):
-        ft.save_bundle(best, model, config, spec, {'step': 20})
+        ft.save_classifier(best, model, config, spec, {'step': 20})
     assert {p.name: p.read_bytes() for p in best.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ['best']  # no half-written sibling left behind
 
-    reloaded, _, _ = ft.load_bundle(str(best))
+    reloaded, _, _ = ft.load_classifier(str(best))
     for k, v in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[k], v), k
 
@@ -279,7 +279,7 @@ def test_a_failed_save_keeps_the_old_bundle_whole(tmp_path, monkeypatch):
     data[len(data) // 2] ^= 1
     (best / 'model.pt').write_bytes(bytes(data))
     with pytest.raises(ft.CheckpointError, match=r'model\.pt does not match its checksum'):
-        ft.load_bundle(str(best))
+        ft.load_classifier(str(best))
 
 
 # ----------------------------------------------------------------------------- the script, end to end
@@ -317,7 +317,7 @@ def test_end_to_end_train_evaluate_and_resume(xnli, tmp_path):
         'vocab_size': xnli.vocab, 'num_layers': 8, 'num_heads': 2, 'model_dim': 64, 'head_dim': 32, 'arch': 'small',
         'num_classes': 3, 'labels': list(LABELS)}
     assert json.loads((best / 'tokenizer.json').read_text()) == hf_spec_from_file(xnli.tokenizer)
-    model, _, _ = ft.load_bundle(str(best))  # rebuilt from config.json alone; same test accuracy
+    model, _, _ = ft.load_classifier(str(best))  # rebuilt from config.json alone; same test accuracy
     test = ft.encode_dataset(ft.read_examples(str(xnli.data_dir / 'xnli.test.tsv'), 'hi').rows, xnli.tok, [xnli.tok.eot_id],
                              256, xnli.vocab, 'test')
     assert ft.evaluate(model, test, 64, 'cpu', nullcontext())['accuracy'] == pytest.approx(results['accuracy'])

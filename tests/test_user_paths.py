@@ -66,7 +66,7 @@ def test_export_to_nanogpt_into_a_new_folder_writes_its_vocabulary(tmp_path):
 
 def test_classifier_bundle_is_never_taken_for_a_gpt(tmp_path):
     # finetune_hindi_xnli.py's best/ has the bundle's file names; it used to be reported as a 12 x 768 GPT
-    from finetune_hindi_xnli import NLIClassifier, save_bundle as save_classifier
+    from finetune_hindi_xnli import NLIClassifier, save_classifier
     from model import GPTBatched
     model = NLIClassifier(GPTBatched(64, 8, 2, 64, 32, head_dim=32, arch='small'))
     config = {'format_version': 1, 'kind': 'nli_classifier', 'vocab_size': 64, 'num_layers': 8, 'num_heads': 2,
