@@ -234,26 +234,42 @@ def save_bundle(checkpoint_dir, model, step, optimizer=None, tokenizer=None, bes
         return checkpoint_dir
     # staged: the training loop changes its parameters and moments in place, the thread writes this copy
     merged, factors, named, state = staged(merged), staged(factors), staged(named), staged(state)
-    return in_background(commit, checkpoint_dir, step)
+    return BACKGROUND_SAVES.start(commit, checkpoint_dir, step)
 
 
-def in_background(save, checkpoint_dir, step):
-    """ save() in a thread, after the previous background save has finished """
-    wait_for_saves()
-    def run():
-        try:
-            save()
-        except CheckpointError as e: # said by the next save, or at the end of training: it names the step it was
-            SAVE_ERRORS.append(type(e)(f'the save of step {step} (written in the background) failed: {e}'))
-        except BaseException as e:
-            SAVE_ERRORS.append(e)
-    thread = threading.Thread(target=run, name=f'save {checkpoint_dir}') # not a daemon: exit waits for it
-    thread.start()
-    SAVES.append(thread)
-    return checkpoint_dir
+class BackgroundSaves:
+    """ the saves written in a thread while training goes on, one at a time: start(), wait(), and the errors of
+    those that failed, raised by the next start() or wait() """
+
+    def __init__(self):
+        self.threads, self.errors = [], []
+
+    def start(self, save, checkpoint_dir, step):
+        """ save() in a thread, after the previous background save has finished """
+        self.wait()
+        def run():
+            try:
+                save()
+            except CheckpointError as e: # said by the next save, or at the end of training: it names the step
+                self.errors.append(type(e)(f'the save of step {step} (written in the background) failed: {e}'))
+            except BaseException as e:
+                self.errors.append(e)
+        thread = threading.Thread(target=run, name=f'save {checkpoint_dir}') # not a daemon: exit waits for it
+        thread.start()
+        self.threads.append(thread)
+        return checkpoint_dir
+
+    def wait(self):
+        """ until every background save has committed; the first error of one that failed is raised here """
+        while self.threads:
+            self.threads.pop(0).join()
+        if self.errors:
+            error = self.errors.pop(0)
+            self.errors.clear()
+            raise error
 
 
-SAVES, SAVE_ERRORS = [], [] # the background saves in flight, and the errors of those that failed
+BACKGROUND_SAVES = BackgroundSaves() # this process's
 
 
 def training_state(model, step, best_val_loss, val_loss, run_config, extra_state, **files):
@@ -331,7 +347,7 @@ def save_sharded(checkpoint_dir, model, step, optimizer=None, tokenizer=None, be
     if not background:
         save()
         return checkpoint_dir
-    return in_background(save, checkpoint_dir, step)
+    return BACKGROUND_SAVES.start(save, checkpoint_dir, step)
 
 
 def staged(obj, copies=None):
@@ -361,12 +377,7 @@ def staged(obj, copies=None):
 
 def wait_for_saves():
     """ until every background save has committed; the first error of one that failed is raised here """
-    while SAVES:
-        SAVES.pop(0).join()
-    if SAVE_ERRORS:
-        error = SAVE_ERRORS.pop(0)
-        SAVE_ERRORS.clear()
-        raise error
+    BACKGROUND_SAVES.wait()
 
 
 # -----------------------------------------------------------------------------
