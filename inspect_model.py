@@ -35,21 +35,6 @@ def describe_tokenizer(spec):
     return [f'kind      : {kind}']
 
 
-def describe_optimizer(ck):
-    if ck.kind == 'bundle':
-        name = ck.training_state.get('optimizer_file')
-        return f'{name} (keyed by parameter name)' if name else 'none (deploy-only save)'
-    if ck.kind == 'sharded':
-        shards = ck.training_state['shards']
-        count = shards.get('processes')
-        return (f"in the shards, keyed by parameter name (saved by {count} process{'es' if count != 1 else ''})"
-                if 'optimizer' in ck.shard_parts() else 'none (deploy-only save)')
-    if ck.kind in ('hf', 'peft'):
-        return f"none (a {'Hugging Face directory' if ck.kind == 'hf' else 'peft adapter'} holds weights only)"
-    state = ck.optimizer_state()
-    return f"present for {len(state['state'])} parameter tensors, named by nanoGPT order" if state else 'none usable'
-
-
 def list_files(path):
     files = sorted(f for f in os.listdir(path) if not f.startswith('.') and os.path.isfile(os.path.join(path, f)))
     return 'Files: ' + ', '.join(f'{f} ({size(os.path.join(path, f))})' for f in files)
@@ -71,7 +56,7 @@ def gpt_state(ck):
              (('best_val_loss', 'Best val loss'), ('val_loss', 'Val loss of these weights'))
              if ck.training_state.get(key) is not None]
     lines += [f"Trained with adapters: {describe_adapters(ck.training_state.get('adapter') or {})}",
-              f'Optimizer state: {describe_optimizer(ck)}']
+              f'Optimizer state: {ck.describe_optimizer()}']
     factors = ck.training_state.get('adapter_file') or ('in the shards' if 'adapter' in ck.shard_parts() else None)
     if factors:
         lines.append(f"Adapter factors: {factors} (restored when resuming with the same adapters)")

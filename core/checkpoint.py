@@ -408,34 +408,13 @@ class Checkpoint:
     def file(self, name):
         return os.path.join(self.path, name)
 
-    def shards(self):
-        """ a sharded checkpoint's checked index (its files verified once) """
-        if self._shards is None:
-            self._shards = open_shards(self.path, self.manifest, self.shard_index())
-        return self._shards
-
     def shard_parts(self):
-        """ the parts a sharded checkpoint holds, by DCP's index (training_state.json's list may be edited) """
-        if self.kind != 'sharded':
-            return []
-        return sorted({key.split('/', 1)[0] for key in self.shard_index()[1]})
+        """ the parts a sharded checkpoint holds; other kinds hold none """
+        return []
 
     def loads_shard_by_shard(self, config):
-        """
-        whether a model of `config` can take this checkpoint already sharded, each process reading its own shards:
-        a sharded checkpoint of at least the model's positions (cropping needs the whole tensor), with either no
-        adapters in the model or the very adapters it stored (new factors are initialised from the whole weight)
-        """
-        if self.kind != 'sharded' or config.block_size < self.config.block_size:
-            return False
-        return not config.uses_lora or ('adapter' in self.shard_parts() and all(
-            getattr(config, k) == v for k, v in self.trained_adapters().items()))
-
-    def shard_index(self):
-        """ DCP's checked index of a sharded checkpoint, read once """
-        if self._index is None:
-            self._index = read_metadata(self.path, self.manifest)
-        return self._index
+        """ whether a model of `config` can take this checkpoint already sharded (only a sharded one can) """
+        return False
 
     def load_file(self, name):
         if not is_plain_name(name): # training_state.json names its files: they must stay inside the checkpoint
@@ -446,12 +425,19 @@ class Checkpoint:
     def weights(self):
         """ the weights, checked against the config (a file's claims are checked before anything is built) """
         self.require_gpt()
-        if self._weights is None and self.kind == 'sharded':
-            self._weights = tied(read_part(self.path, self.shards(), 'model'))
+        weights = self.stored_weights()
+        self.check_config(weights)
+        return weights
+
+    def stored_weights(self):
+        """ the weights as stored, unchecked: read with the checkpoint, else its model.pt (mapped) """
         if self._weights is None:
             self._weights = self.load_file(MODEL_FILE)
-        self.check_config(self._weights)
         return self._weights
+
+    def weight_shapes(self):
+        """ what config.json is checked against: the weights themselves (mapped: reading them is cheap) """
+        return self.stored_weights()
 
     def check_config(self, weights=None):
         """
@@ -462,10 +448,7 @@ class Checkpoint:
         self.require_gpt()
         if self._checked:
             return
-        if weights is None and self.kind != 'sharded':
-            self.weights() # read (mapped) and checked
-            return
-        inferred = infer_base_config(weights if weights is not None else tied(shapes(self.shards(), 'model')), self.path)
+        inferred = infer_base_config(self.weight_shapes() if weights is None else weights, self.path)
         wrong = [f'{k} {getattr(self.config, k)} (the weights have {v})' for k, v in inferred.items()
                  if getattr(self.config, k) != v]
         if wrong:
@@ -475,28 +458,19 @@ class Checkpoint:
         self._checked = True
 
     def optimizer_state(self, model=None):
-        """ the named optimizer state, or None when the checkpoint has none (or none we can name); for a sharded
-        (FSDP) `model`, a sharded checkpoint's state is read sharded like its parameters """
-        if self.kind == 'bundle':
-            name = self.training_state.get('optimizer_file')
-            return self.load_file(name) if name else None
-        if self.kind == 'sharded':
-            groups = self.training_state['shards'].get('optimizer_groups')
-            if 'optimizer' not in self.shard_parts():
-                return None
-            if groups is None:
-                raise CheckpointError(f'{self.file(STATE_FILE)}: the shards hold an optimizer state, but "shards" names no '
-                                      '"optimizer_groups" (its hyperparameters and parameter names; edited by hand?)')
-            return read_optimizer(self.path, self.shards(), groups, model)
+        """ the named optimizer state, or None when the checkpoint has none (or none we can name) """
         return self._optimizer
 
     def adapter_state(self):
-        if self._adapters is not None: # read with the weights (a peft adapter)
-            return self._adapters
-        if self.kind == 'sharded':
-            return read_part(self.path, self.shards(), 'adapter') if 'adapter' in self.shard_parts() else None
-        name = self.training_state.get('adapter_file')
-        return self.load_file(name) if self.kind == 'bundle' and name else None
+        """ the LoRA factors, read with the weights (a peft adapter), or None """
+        return self._adapters
+
+    def describe_optimizer(self):
+        """ what inspect_model.py says of the optimizer state """
+        if KINDS[self.kind].weights_only:
+            return f'none ({KINDS[self.kind].weights_only})'
+        state = self.optimizer_state()
+        return f"present for {len(state['state'])} parameter tensors, named by nanoGPT order" if state else 'none usable'
 
     def trained_adapters(self):
         """ the adapter settings the checkpoint was trained with (training_state.json's), for a model that restores them """
@@ -510,11 +484,98 @@ class Checkpoint:
         """ the weights into any adapter layout; adapters restored when the run trained with the same alpha """
         saved = self.training_state.get('adapter') or {}
         same_alpha = saved.get('lora_alpha') == model.config.lora_alpha
-        if self.kind == 'sharded' and is_sharded(model):
-            weights, adapters = self.shards_for(model, same_alpha)
-        else:
-            weights, adapters = self.weights(), self.adapter_state() if same_alpha else None
+        weights, adapters = self.weights_for(model, same_alpha)
         return load_universal_state_dict(model, weights, lora_alpha=self.lora_alpha, source=self.path, adapters=adapters)
+
+    def weights_for(self, model, with_adapters):
+        """ (weights, adapters or None) for `model` """
+        return self.weights(), self.adapter_state() if with_adapters else None
+
+    def build_model(self, device='cpu', **adapter_settings):
+        self.check_config() # before anything is built
+        if self.tokenizer is not None and spec_vocab_size(self.tokenizer) > self.config.vocab_size:
+            raise CheckpointError(f'{self.path}: its tokenizer produces {spec_vocab_size(self.tokenizer)} ids but the model '
+                                  f'has {self.config.vocab_size} embedding rows: tokenizer.json does not belong to these weights')
+        model = GPT.on_meta(self.model_config(**adapter_settings)) # no init of weights about to be replaced
+        report = self.load_into(model)
+        model.tokenizer_spec = self.tokenizer
+        return model.to(device), report
+
+
+class BundleCheckpoint(Checkpoint):
+    """ our bundle: the optimizer state and LoRA factors are files that training_state.json names """
+
+    def optimizer_state(self, model=None):
+        name = self.training_state.get('optimizer_file')
+        return self.load_file(name) if name else None
+
+    def adapter_state(self):
+        name = self.training_state.get('adapter_file')
+        return self.load_file(name) if name else None
+
+    def describe_optimizer(self):
+        name = self.training_state.get('optimizer_file')
+        return f'{name} (keyed by parameter name)' if name else 'none (deploy-only save)'
+
+
+class ShardedCheckpoint(Checkpoint):
+    """ a bundle whose tensors are a DCP checkpoint, each process's shards in files of its own (core/sharded.py) """
+
+    def shards(self):
+        """ a sharded checkpoint's checked index (its files verified once) """
+        if self._shards is None:
+            self._shards = open_shards(self.path, self.manifest, self.shard_index())
+        return self._shards
+
+    def shard_parts(self):
+        """ the parts a sharded checkpoint holds, by DCP's index (training_state.json's list may be edited) """
+        return sorted({key.split('/', 1)[0] for key in self.shard_index()[1]})
+
+    def shard_index(self):
+        """ DCP's checked index of a sharded checkpoint, read once """
+        if self._index is None:
+            self._index = read_metadata(self.path, self.manifest)
+        return self._index
+
+    def loads_shard_by_shard(self, config):
+        """
+        whether a model of `config` can take this checkpoint already sharded, each process reading its own shards:
+        a checkpoint of at least the model's positions (cropping needs the whole tensor), with either no adapters in
+        the model or the very adapters it stored (new factors are initialised from the whole weight)
+        """
+        if config.block_size < self.config.block_size:
+            return False
+        return not config.uses_lora or ('adapter' in self.shard_parts() and all(
+            getattr(config, k) == v for k, v in self.trained_adapters().items()))
+
+    def stored_weights(self):
+        if self._weights is None:
+            self._weights = tied(read_part(self.path, self.shards(), 'model'))
+        return self._weights
+
+    def weight_shapes(self):
+        return tied(shapes(self.shards(), 'model')) # DCP's index: no tensor read
+
+    def optimizer_state(self, model=None):
+        """ for a sharded (FSDP) `model`, read sharded like its parameters """
+        groups = self.training_state['shards'].get('optimizer_groups')
+        if 'optimizer' not in self.shard_parts():
+            return None
+        if groups is None:
+            raise CheckpointError(f'{self.file(STATE_FILE)}: the shards hold an optimizer state, but "shards" names no '
+                                  '"optimizer_groups" (its hyperparameters and parameter names; edited by hand?)')
+        return read_optimizer(self.path, self.shards(), groups, model)
+
+    def adapter_state(self):
+        return read_part(self.path, self.shards(), 'adapter') if 'adapter' in self.shard_parts() else None
+
+    def describe_optimizer(self):
+        count = self.training_state['shards'].get('processes')
+        return (f"in the shards, keyed by parameter name (saved by {count} process{'es' if count != 1 else ''})"
+                if 'optimizer' in self.shard_parts() else 'none (deploy-only save)')
+
+    def weights_for(self, model, with_adapters):
+        return self.shards_for(model, with_adapters) if is_sharded(model) else super().weights_for(model, with_adapters)
 
     def shards_for(self, model, with_adapters):
         """
@@ -531,15 +592,6 @@ class Checkpoint:
             adapters = read_shards_like(self.path, self.shards(), 'adapter', {k: v for k, v in params.items() if is_lora_factor(k)})
         return weights, adapters
 
-    def build_model(self, device='cpu', **adapter_settings):
-        self.check_config() # before anything is built
-        if self.tokenizer is not None and spec_vocab_size(self.tokenizer) > self.config.vocab_size:
-            raise CheckpointError(f'{self.path}: its tokenizer produces {spec_vocab_size(self.tokenizer)} ids but the model '
-                                  f'has {self.config.vocab_size} embedding rows: tokenizer.json does not belong to these weights')
-        model = GPT.on_meta(self.model_config(**adapter_settings)) # no init of weights about to be replaced
-        report = self.load_into(model)
-        model.tokenizer_spec = self.tokenizer
-        return model.to(device), report
 
 
 def read_hf_checkpoint(path, meta_path=None):
@@ -664,7 +716,7 @@ def tied(weights):
 
 
 def read_sharded(path, meta_path=None):
-    ck = read_bundle(path, meta_path, kind='sharded')
+    ck = ShardedCheckpoint(path, 'sharded', **read_bundle_json(path))
     shards = ck.training_state.get('shards')
     groups = shards.get('optimizer_groups') if isinstance(shards, dict) else None
     if not (isinstance(shards, dict) and isinstance(shards.get('parts'), list) and 'model' in shards['parts']
@@ -680,7 +732,15 @@ def read_sharded(path, meta_path=None):
     return ck
 
 
-def read_bundle(path, meta_path=None, kind='bundle'):
+def read_bundle(path, meta_path=None):
+    fields = read_bundle_json(path)
+    if not (path / MODEL_FILE).exists():
+        raise CheckpointError(f'{path / MODEL_FILE} is missing: a checkpoint bundle needs its weights')
+    return BundleCheckpoint(path, 'bundle', **fields)
+
+
+def read_bundle_json(path):
+    """ what a bundle directory's JSON files say, checked, as Checkpoint's arguments """
     # every listed file there, at its size, else DamagedError naming the file; the JSON files may have been
     # edited by hand (the bundle format invites it for batch_size, device, dropout): they are validated as they are read
     manifest = check_sizes(path, editable=JSON_FILES)
@@ -696,10 +756,8 @@ def read_bundle(path, meta_path=None, kind='bundle'):
     config = config_from_dict(read(CONFIG_FILE), path / CONFIG_FILE, notes)
     state = read(STATE_FILE) if (path / STATE_FILE).exists() else {}
     tokenizer = read(TOKENIZER_FILE) if (path / TOKENIZER_FILE).exists() else None
-    if kind == 'bundle' and not (path / MODEL_FILE).exists():
-        raise CheckpointError(f'{path / MODEL_FILE} is missing: a checkpoint bundle needs its weights')
-    return Checkpoint(path, kind, config, tokenizer, state.get('step', 0), state.get('best_val_loss'), state,
-                      notes, manifest=manifest)
+    return dict(config=config, tokenizer=tokenizer, step=state.get('step', 0), best_val_loss=state.get('best_val_loss'),
+                training_state=state, notes=notes, manifest=manifest)
 
 
 def read_legacy(path, meta_path=None):
@@ -816,6 +874,7 @@ class Kind:
     write: object       # (checkpoint, standard model, out path, force) -> None: convert --to NAME; None: no writer
     gpt: bool = True    # False: not a GPT language model; inspected, and refused by train, generate and convert
     looks: str = ''     # what it is on disk, for the message that no checkpoint was found ('' : never read)
+    weights_only: str = '' # why it never holds an optimizer state, for inspect_model.py ('': it may hold one)
 
 
 def write_bundle(ck, model, out, force=False):
@@ -883,12 +942,14 @@ def write_nanogpt(ck, model, out, force=False):
 # cannot exist in one tool and not another. Recognised in this order: the first row whose recognise() answers.
 KINDS = {
     'hf': Kind('Hugging Face GPT-2 directory (transformers)', lambda p: p if p.is_dir() and is_hf_dir(p) else None,
-               read_hf_checkpoint, write_hf, looks=f'a Hugging Face GPT-2 directory (config.json + {HF_WEIGHTS})'),
+               read_hf_checkpoint, write_hf, looks=f'a Hugging Face GPT-2 directory (config.json + {HF_WEIGHTS})',
+               weights_only='a Hugging Face directory holds weights only'),
     'classifier': Kind('Fine-tuned classifier (finetune_hindi_xnli.py), not a GPT language model',
                        lambda p: p if p.is_dir() and config_kind(p) == 'nli_classifier' else None, read_classifier,
                        None, gpt=False, looks='a fine-tuned classifier directory'),
     'peft': Kind('peft LoRA adapter with its base (Hugging Face GPT-2)', lambda p: p if p.is_dir() and is_peft_dir(p) else None,
-                 read_peft, write_peft, looks=f'a peft adapter directory ({PEFT_CONFIG} + {PEFT_WEIGHTS})'),
+                 read_peft, write_peft, looks=f'a peft adapter directory ({PEFT_CONFIG} + {PEFT_WEIGHTS})',
+                 weights_only='a peft adapter holds weights only'),
     'sharded': Kind('Sharded checkpoint (FSDP, torch.distributed.checkpoint)', sharded_dir, read_sharded, None,
                     looks=f'a sharded checkpoint ({CONFIG_FILE} + {METADATA} + shards)'),
     'bundle': Kind('New JSON-based format', bundle_dir, read_bundle, write_bundle,
