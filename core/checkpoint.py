@@ -875,6 +875,7 @@ class Kind:
     gpt: bool = True    # False: not a GPT language model; inspected, and refused by train, generate and convert
     looks: str = ''     # what it is on disk, for the message that no checkpoint was found ('' : never read)
     weights_only: str = '' # why it never holds an optimizer state, for inspect_model.py ('': it may hold one)
+    committed: bool = False # written whole by core/commit.py: found elsewhere, it is an interrupted save's sibling
 
 
 def write_bundle(ck, model, out, force=False):
@@ -951,9 +952,9 @@ KINDS = {
                  read_peft, write_peft, looks=f'a peft adapter directory ({PEFT_CONFIG} + {PEFT_WEIGHTS})',
                  weights_only='a peft adapter holds weights only'),
     'sharded': Kind('Sharded checkpoint (FSDP, torch.distributed.checkpoint)', sharded_dir, read_sharded, None,
-                    looks=f'a sharded checkpoint ({CONFIG_FILE} + {METADATA} + shards)'),
+                    looks=f'a sharded checkpoint ({CONFIG_FILE} + {METADATA} + shards)', committed=True),
     'bundle': Kind('New JSON-based format', bundle_dir, read_bundle, write_bundle,
-                   looks=f'a bundle ({CONFIG_FILE} + {MODEL_FILE})'),
+                   looks=f'a bundle ({CONFIG_FILE} + {MODEL_FILE})', committed=True),
     'legacy': Kind('Legacy single file', legacy_file, read_legacy, None,
                    looks=f'a directory holding one of {", ".join(LEGACY_NAMES)}, or a checkpoint file'),
     'nanogpt': Kind('Legacy single file (nanoGPT ckpt.pt)', None, None, write_nanogpt),
@@ -1004,7 +1005,7 @@ def read_checkpoint(path, legacy_file=None, meta_path=None):
         raise CheckpointError(f'{path} is one file of the checkpoint directory {found_path.parent} '
                               f'({KINDS[home[0]].title}): pass the directory, {found_path.parent}')
     ck = KINDS[kind].read(found_path, meta_path)
-    if kind in ('bundle', 'sharded') and Path(found_path) != Path(path):
+    if KINDS[kind].committed and Path(found_path) != Path(path):
         ck.notes.append(f'the last save to {path} was interrupted; read the complete checkpoint it left in {found_path}')
     return ck
 
