@@ -373,6 +373,7 @@ def test_same_adapters_are_restored_other_alpha_starts_fresh(tmp_path):
 def test_lr_schedule_is_nanogpts():
     lr = lambda it: get_lr(it, 1e-3, 10, 100, 1e-4)
     assert [lr(0), lr(4), lr(9)] == [1e-3 * 1 / 11, 1e-3 * 5 / 11, 1e-3 * 10 / 11] # linear warmup
+    # python floats: lr(100) is within float64 roundings of min_lr, the others equal it
     assert lr(10) == 1e-3 and lr(100) == pytest.approx(1e-4, abs=1e-12) and lr(101) == lr(10**6) == 1e-4
     assert get_lr(10, 1e-3, 10, 10, 1e-4) == 1e-4 # warmup straight into min_lr: no decay to divide by
     assert lr(55) == pytest.approx((1e-3 + 1e-4) / 2) # cosine: halfway down at the middle of the decay
