@@ -32,12 +32,12 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, fbeta_score, recall_score
 
 from load_checkpoint_helper import ModdedCheckpointError, load_pretrained_checkpoint
-from model import CheckpointMismatchError, add_modded_lora, modded_lora_state, set_modded_lora_factors
-from core.checkpoint import (BUNDLE_FILES, JSON_FILES, CheckpointError, check_sizes, commit_directory, load_verified, read_json,
-                             rng_state, save_tensors, set_rng_state, write_json)
+from model import CheckpointMismatchError, add_modded_lora, set_modded_lora_factors
 from core.args import Parser
+from core.bundle import rng_state, set_rng_state
+from core.classifier import CLASSIFIER_KIND, read_bundle_tensors, save_classifier
 from core.cli import DEFAULT_DTYPE, DTYPES, SetupError, check_device, start_wandb
-from core.commit import is_plain_name, recover
+from core.commit import CheckpointError, is_plain_name, read_json, recover, write_json
 from core.finetune_data import (LABELS, DataError, dataset_splits, find_tokenizer, load_splits,
                                  read_examples)
 from core.tokenizer import TokenizerError, load_tokenizer
@@ -292,29 +292,6 @@ def describe_metrics(m):
 # bundles: <out_dir>/best and <out_dir>/last (a GPT bundle's files: BUNDLE_FILES)
 
 
-def save_classifier(path, model, config, tokenizer_spec, state, optimizer=None):
-    """
-    Written whole into a hidden sibling directory, then swapped in: the old bundle stays until the new is whole.
-    model.pt holds the merged weights under the layout's own keys, with or without LoRA; with the optimizer (last/)
-    go the LoRA factors (adapter.pt), for an exact same-config resume.
-    """
-    merged, factors = modded_lora_state(model)
-    def write_files(tmp):
-        save_tensors(tmp / 'model.pt', {k: v.detach().cpu() for k, v in merged.items()})
-        if factors and optimizer is not None:
-            save_tensors(tmp / 'adapter.pt', {k: v.detach().cpu() for k, v in factors.items()})
-        write_json(tmp / 'config.json', config)
-        write_json(tmp / 'tokenizer.json', tokenizer_spec)
-        write_json(tmp / 'training_state.json', state)
-        if optimizer is not None:
-            save_tensors(tmp / 'optimizer.pt', optimizer.state_dict())
-    commit_directory(path, write_files, replaces=BUNDLE_FILES)
-
-
-def read_bundle_tensors(path, name):
-    return load_verified(path, name, check_sizes(path, editable=JSON_FILES)) # sizes, then checksum, then load
-
-
 def load_classifier(path, device='cpu'):
     """ (classifier, config, tokenizer spec) from a bundle written by this script """
     from model import GPTBatched
@@ -342,7 +319,7 @@ def lora_config(args):
 
 def bundle_config(info, arch, args, names=LABELS):
     """ config.json: all it takes to rebuild the classifier (GPTBatched(...) + head) without the pretrained file """
-    return {'format_version': FORMAT_VERSION, 'kind': 'nli_classifier', 'vocab_size': info['vocab_size'],
+    return {'format_version': FORMAT_VERSION, 'kind': CLASSIFIER_KIND, 'vocab_size': info['vocab_size'],
             'num_layers': info['num_layers'], 'num_heads': info['num_heads'], 'model_dim': info['model_dim'],
             'head_dim': info['head_dim'], 'max_seq_len': args.block_size, 'arch': arch, 'num_classes': len(names),
             'labels': list(names), 'dropout': args.dropout, 'lora': lora_config(args),

@@ -369,17 +369,18 @@ class GPT(nn.Module):
         flops_promised = 312e12 # A100 GPU bfloat16 peak flops is 312 TFLOPS
         return flops_achieved / flops_promised
 
-    # the bundle format's notebook-style API: thin calls into core/checkpoint.py and core/training.py
+    # the bundle format's notebook-style API: thin calls into core/ (the only imports upward from this file)
 
     def save(self, checkpoint_dir):
         """ only model.pt: the universal merged weights """
-        from core.checkpoint import MODEL_FILE, commit_directory, save_tensors
+        from core.commit import commit_directory, save_tensors
+        from core.kind import MODEL_FILE
         merged = self.get_merged_state_dict()
         commit_directory(checkpoint_dir, lambda d: save_tensors(os.path.join(d, MODEL_FILE), merged), replaces=(MODEL_FILE,))
 
     def save_checkpoint_bundle(self, checkpoint_dir, step, optimizer_state=None, **state):
         """ the whole bundle; optimizer_state: an optimizer, its state_dict() or a named state """
-        from core.checkpoint import save_bundle
+        from core.bundle import save_bundle
         return save_bundle(checkpoint_dir, self, step, optimizer_state, **state)
 
     @classmethod

@@ -15,7 +15,7 @@ import torch
 import generate
 from configurator import ConfigError, apply_config
 from core.cli import DEFAULT_DTYPE, DTYPES, run
-from core.interop import GPT2_NAMES, pretrained_gpt2_dir
+from core.hf import GPT2_NAMES, pretrained_gpt2_dir
 
 # -----------------------------------------------------------------------------
 config = dict(

@@ -6,8 +6,8 @@ $ python train.py --model_name dante --max_iters 1100    # checkpoints/dante: re
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_standard.py
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_standard.py --fsdp=True   # sharded (FSDP2)
 
-Every save is a bundle of universal merged weights (core/checkpoint.py); under FSDP its sharded twin, written by
-every process (core/sharded.py). Every resume takes the base
+Every save is a bundle of universal merged weights (core/bundle.py); under FSDP its sharded twin, written by
+every process (core/sharded.py, core/fsdp.py). Every resume takes the base
 architecture from the checkpoint and the adapter settings from this run's config, maps the weights onto
 them, and carries the optimizer state over by parameter name.
 """
@@ -25,13 +25,14 @@ from torch.distributed import init_process_group
 
 from model import GPTConfig, GPT, ADAPTER_FIELDS, BASE_FIELDS, CheckpointMismatchError
 from configurator import apply_config, ConfigError
-from core.checkpoint import (CheckpointError, read_checkpoint, read_peft, find_checkpoint, describe_load, wait_for_saves,
-                             apply_optimizer_state, set_rng_state, rng_state)
+from core.bundle import apply_optimizer_state, rng_state, set_rng_state, wait_for_saves
+from core.checkpoint import CheckpointError, describe_load, find_checkpoint, read_checkpoint
 from core.cli import DEFAULT_DTYPE, SetupError, check_device, start_wandb, tell_torchrun
 from core.distributed import end_process_group
 from core.commit import is_plain_name, lock_writer
-from core.interop import GPT2_NAMES, pretrained_gpt2_dir
-from core.sharded import is_sharded, shard_model
+from core.fsdp import is_sharded, shard_model
+from core.hf import GPT2_NAMES, pretrained_gpt2_dir
+from core.peft_adapter import read_peft
 from core.tokenizer import TokenizerError
 from core.training import get_lr, set_lr, train_step, estimate_loss, save_checkpoint, resume_check_line
 from data.prepare import DatasetError, load_meta, prepare
@@ -222,7 +223,7 @@ torch.backends.cudnn.allow_tf32 = True # allow tf32 on cudnn
 device_type = 'cuda' if 'cuda' in device else 'cpu' # for later use in torch.autocast
 # note: float16 data type will automatically use a GradScaler
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-# (under FSDP, its MixedPrecisionPolicy casts the parameters instead: core/sharded.py)
+# (under FSDP, its MixedPrecisionPolicy casts the parameters instead: core/fsdp.py)
 ctx = nullcontext() if device_type == 'cpu' or fsdp else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
 
 # data: prepared on first use (the default corpus needs no download)
@@ -282,7 +283,7 @@ if not resume_path and not adapter_from:
     model.tokenizer_spec = meta['tokenizer']
 else:
     # --- smart resume: the checkpoint decides the base, this config the adapters; the key mapping lives in
-    # model.load_universal_state_dict, the file formats in core/checkpoint.py ---
+    # model.load_universal_state_dict, the file formats in core/ (core/checkpoint.py lists them) ---
     named = f"{init_from} ({resume_path})" if init_from in GPT2_NAMES and resume_path != init_from else resume_path
     if adapter_from:
         log(f"Initializing from the peft adapter {adapter_from}" + (f" on the base model {named}" if named else ''))

@@ -66,7 +66,7 @@ def worker(size, out_dir, result_file):
     from core.checkpoint import apply_optimizer_state, read_checkpoint, save_bundle, save_sharded, wait_for_saves
     from core.commit import finish_cleanups
     from core.distributed import end_process_group
-    from core.sharded import shard_model
+    from core.fsdp import shard_model
     dist.init_process_group('gloo')
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)

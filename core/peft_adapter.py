@@ -16,9 +16,12 @@ import os
 import re
 from pathlib import Path
 
-from model import is_lora_factor, standard_key
+from model import CheckpointMismatchError, is_lora_factor, merge_lora_factors, standard_key
 from core.commit import CheckpointError, commit_directory, write_json
-from core.interop import GPT2_NAMES, pretrained_gpt2_dir, read_safetensors, save_safetensors
+from core.hf import (GPT2_NAMES, export_about, export_state, export_state_file, hf_dir_tokenizer, is_hf_dir, model_card,
+                     pretrained_gpt2_dir, read_hf_checkpoint, read_safetensors, save_safetensors, tokenizer_files,
+                     write_hf_dir)
+from core.kind import ADAPTER_FILE, STATE_FILE, Checkpoint, Kind, describe_adapters
 
 PEFT_CONFIG, PEFT_WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'
 BASE_DIR = 'base' # convert --to peft writes the base model as a Hugging Face GPT-2 directory here
@@ -210,3 +213,69 @@ def find_base(path, base=None):
     raise CheckpointError(f'{path} is a peft adapter whose base model ({named!r}) is not here: pass the base Hugging '
                           f'Face GPT-2 directory with it (train.py --init_from=BASE_DIR --adapter_from={path}), or put '
                           f'the base in {Path(path) / BASE_DIR}')
+# -----------------------------------------------------------------------------
+# the kind
+
+def read_peft(path, meta_path=None, base=None):
+    """ a peft LoRA adapter with its base Hugging Face GPT-2: the merged weights (universal, like every checkpoint)
+    and the factors, restored by a run with the same adapter settings """
+    settings, factors, saved_embeddings = read_adapter(path)
+    base_path = find_base(path, base)
+    if not is_hf_dir(base_path):
+        raise CheckpointError(f'{base_path}, the base model of the peft adapter {path}, '
+                              + ('is not a Hugging Face GPT-2 directory (config.json with a model_type, and '
+                                 'model.safetensors)' if os.path.exists(base_path) else 'does not exist'))
+    base_ck = read_hf_checkpoint(base_path, meta_path)
+    weights = dict(base_ck.weights())
+    for name, value in saved_embeddings.items():
+        ours = weights[name.replace('.base_layer', '')]
+        if value.shape != ours.shape or not value.equal(ours):
+            raise CheckpointError(f'{path} saved its own {name} (a resized or trained embedding) that differs from the '
+                                  f'base model\'s in {base_path}: the adapter belongs to another base')
+    for module in sorted({k.rsplit('.lora_', 1)[0] for k in factors}):
+        key = f'{module}.weight'
+        if key not in weights:
+            raise CheckpointError(f'{path} adapts {module}, which the base model in {base_path} does not have '
+                                  f'({base_ck.config.n_layer} layers): the adapter belongs to another base')
+        try:
+            weights[key] = merge_lora_factors(weights[key], factors[f'{module}.lora_A.weight'],
+                                              factors[f'{module}.lora_B.weight'], settings['lora_alpha'])
+        except CheckpointMismatchError as e:
+            raise CheckpointError(f'{path}: the adapter of {module} does not fit the base in {base_path}: {e}') from None
+    weights['lm_head.weight'] = weights['transformer.wte.weight'] # tied to the (adapted) embedding
+    notes = [f'base model: {base_path}'] + base_ck.notes
+    own_base = os.path.realpath(base_path) == os.path.realpath(Path(path) / BASE_DIR)
+    # the step and val loss recorded with the adapter (our export's) describe it on its own base only
+    state = {**(export_state(path, PEFT_WEIGHTS, notes) if own_base else {}), 'adapter': settings}
+    tokenizer = base_ck.tokenizer or hf_dir_tokenizer(path) # our export writes one beside the adapter too
+    return Checkpoint(path, PEFT, base_ck.config, tokenizer, state.get('step', 0), state.get('best_val_loss'),
+                      state, notes, weights=weights, adapters=factors)
+
+
+def write_peft(ck, model, out, force=False):
+    """ the LoRA factors in peft's format, the base (merged weights less the update) as a Hugging Face directory """
+    settings = ck.trained_adapters()
+    lora, report = ck.build_model(**settings)
+    if report['fresh_lora']:
+        raise CheckpointError(f'{ck.path} was trained with LoRA, but its factors were not saved with it (no '
+                              f'{ADAPTER_FILE}: a deploy-only save), so there are no adapters to export: export it --to hf')
+    about = export_about(ck)
+    base = os.path.join(out, BASE_DIR)
+    files, _ = tokenizer_files(ck.tokenizer, ck.config.block_size) if ck.tokenizer else ({}, None)
+    files[STATE_FILE] = export_state_file(about)
+    usage = ['from peft import PeftModel', 'from transformers import GPT2LMHeadModel',
+             f"model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained('{base}'), '{out}')",
+             'merged = model.merge_and_unload()  # a plain GPT2LMHeadModel']
+    params = sum(v.numel() for k, v in lora.state_dict().items() if not is_lora_factor(k) and k != 'lm_head.weight')
+    files['README.md'] = model_card(lora.config, {**about, 'adapters': describe_adapters(settings)}, params, usage)
+    # with an embedding adapter, the base's head is a separate copy of the table: see write_hf_dir
+    write_base = lambda directory, weights: write_hf_dir(directory, lora.config, weights, ck.tokenizer,
+                                                         {'name': f'The base model of the peft adapter in {out}',
+                                                          **{k: about[k] for k in ('source', 'dataset', 'tokenizer')}},
+                                                         tied=not lora.config.embedding_lora_rank)
+    write_peft_dir(out, lora, write_base, files, base_name=base)
+
+
+PEFT = Kind('peft', 'peft LoRA adapter with its base (Hugging Face GPT-2)', lambda p: p if p.is_dir() and is_peft_dir(p) else None,
+            read_peft, write_peft, looks=f'a peft adapter directory ({PEFT_CONFIG} + {PEFT_WEIGHTS})',
+            weights_only='a peft adapter holds weights only')

@@ -8,7 +8,8 @@ from contextlib import nullcontext
 
 import torch
 
-from core.checkpoint import rng_state, save_bundle, save_sharded
+from core.bundle import rng_state, save_bundle
+from core.sharded import save_sharded
 
 
 def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, decay_lr=True):

@@ -95,7 +95,7 @@ def legacy(d, name='final.pt'):
 
 def hf_dir(d, name='hf'):
     """ a Hugging Face GPT-2 directory of the tiny bundle's 96-token model: it stores no vocabulary """
-    from core.interop import export_hf
+    from core.hf import export_hf
     export_hf(read_checkpoint(d / bundle(d, 'biased', bias=True)).build_model()[0], d / name)
     return name
 

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from model import GPT, CheckpointMismatchError, GPTConfig
+from core.bundle import positional_names
 from core.checkpoint import (KINDS, CheckpointError, CheckpointManager, apply_optimizer_state, named_optimizer_state,
-                             positional_names, read_checkpoint, read_meta_pkl, rng_state, save_bundle, set_rng_state)
+                             read_checkpoint, rng_state, save_bundle, set_rng_state)
+from core.nanogpt import read_meta_pkl
 from core.training import estimate_loss, get_lr, save_checkpoint, set_lr, train_step
 from tests.helpers import make_nanogpt_checkpoint, run_script, run_train
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import core.classifier
 import finetune_hindi_xnli as ft
 from core.tokenizer import hf_spec_from_file, load_tokenizer
 from load_checkpoint_helper import make_random_checkpoint
@@ -264,7 +265,7 @@ def test_a_failed_save_keeps_the_old_bundle_whole(tmp_path, monkeypatch):
 
     def crash(*a, **k):
         raise OSError('disk full')
-    monkeypatch.setattr(ft, 'write_json', crash)
+    monkeypatch.setattr(core.classifier, 'write_json', crash) # the classifier's writer
     with pytest.raises(OSError, match='disk full'):
         ft.save_classifier(best, model, config, spec, {'step': 20})
     assert {p.name: p.read_bytes() for p in best.iterdir()} == before

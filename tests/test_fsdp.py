@@ -21,7 +21,7 @@ import torch
 
 from core.checkpoint import CheckpointError, find_checkpoint, read_checkpoint
 from core.commit import MANIFEST_FILE, SAVING, verify_file
-from core.sharded import METADATA
+from core.fsdp import METADATA
 from tests.helpers import REPO, TINY_CONFIG, resume_check, run_script, run_train
 from tests.launcher import run_python
 
@@ -120,7 +120,7 @@ import sys, torch, torch.distributed as dist
 from model import GPT, GPTConfig
 from core.checkpoint import save_sharded, wait_for_saves
 from core.distributed import end_process_group
-from core.sharded import shard_model
+from core.fsdp import shard_model
 dist.init_process_group('gloo')
 out = sys.argv[1]
 torch.manual_seed(0)

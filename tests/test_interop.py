@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from model import GPT, GPTConfig
 from core.checkpoint import read_checkpoint, save_bundle
-from core.interop import NANOGPT_ARGS
+from core.nanogpt import NANOGPT_ARGS
 from tests.helpers import run_script, run_train
 from tests.numerics import assert_same_function, in_float64
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.checkpoint import CheckpointError, read_checkpoint, read_peft, save_bundle
+from core.checkpoint import CheckpointError, read_checkpoint, save_bundle
+from core.peft_adapter import read_peft
 from core.tokenizer import char_spec, load_tokenizer
 from data.prepare import pydocs_text
 from model import GPT, GPTConfig

@@ -30,9 +30,10 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig, CheckpointMismatchError
-from core.checkpoint import CheckpointError, read_checkpoint, read_meta_pkl, save_bundle
+from core.checkpoint import CheckpointError, read_checkpoint, save_bundle
+from core.nanogpt import read_meta_pkl
 from core.commit import MANIFEST_FILE, SAVING, PREVIOUS, atomic_write, file_checksum, verify_file
-import core.checkpoint
+import core.bundle
 import core.commit
 from load_checkpoint_helper import load_pretrained_checkpoint
 from tests.helpers import REPO, TINY_CONFIG, fill_with_step, make_nanogpt_checkpoint, run_script, run_train
@@ -89,7 +90,7 @@ def digest(path):
 # -----------------------------------------------------------------------------
 # the write steps of a save, counted and named
 
-WRITE_PRIMITIVES = [(torch, 'save'), (core.checkpoint, 'write_json'), (core.commit, 'write_json'), (os, 'fsync'),
+WRITE_PRIMITIVES = [(torch, 'save'), (core.bundle, 'write_json'), (core.commit, 'write_json'), (os, 'fsync'),
                     (os, 'rename'), (os, 'replace'), (os, 'link'), (os, 'mkdir')]
 
 
@@ -165,7 +166,7 @@ while True:
     step += 1
 '''
 # what that save writes (no tokenizer, no adapters): model.pt, config.json, optimizer.pt, training_state.json
-KILLED_SAVE_STEPS = save_steps(['torch.save', 'core.checkpoint.write_json', 'torch.save', 'core.checkpoint.write_json'])
+KILLED_SAVE_STEPS = save_steps(['torch.save', 'core.bundle.write_json', 'torch.save', 'core.bundle.write_json'])
 
 
 def next_line(proc, word):
@@ -284,8 +285,8 @@ def test_disk_full_at_each_write_step(tmp_path, monkeypatch, record_fault):
         counter = WriteSteps(m.setattr)
         save_bundle(tmp_path / 'new', model, 2, optimizer) # over an existing checkpoint, like the real ones
     # model.pt, config.json, tokenizer.json, adapter.pt, optimizer.pt, training_state.json
-    writers = ['torch.save', 'core.checkpoint.write_json', 'core.checkpoint.write_json', 'torch.save', 'torch.save',
-               'core.checkpoint.write_json']
+    writers = ['torch.save', 'core.bundle.write_json', 'core.bundle.write_json', 'torch.save', 'torch.save',
+               'core.bundle.write_json']
     steps = save_steps(writers)
     assert counter.steps == steps and len(steps) == 20
     # the directories synced: the new one (before it is renamed in, so its entries are durable), then the parent

@@ -1,7 +1,6 @@
 """
-Other tools' formats: a Hugging Face GPT-2 directory (config.json + model.safetensors, what
-transformers.GPT2LMHeadModel.from_pretrained reads) both ways, and the public nanoGPT's ckpt.pt as an export
-(reading nanoGPT's files is core/checkpoint.py's read_legacy).
+A Hugging Face GPT-2 directory (config.json + model.safetensors, what transformers.GPT2LMHeadModel.from_pretrained
+reads) both ways: its reader, writer and KINDS row, and what our exports write beside transformers' files.
 
 GPT-2's Hugging Face weights come from Conv1D layers, which store the transpose of an nn.Linear weight: that,
 the attention mask buffers and the tied head are the whole difference in keys.
@@ -9,19 +8,20 @@ the attention mask buffers and the tied head are the whole difference in keys.
 
 import json
 import os
-import pickle
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
-from core.commit import CheckpointError, atomic_write, commit_directory, load_tensors, write_json
+from core.commit import (CheckpointError, DamagedError, commit_directory, load_tensors, read_json, read_manifest,
+                         verify_file, write_json)
+from core.kind import STATE_FILE, Checkpoint, Kind, config_from_dict
+from core.nanogpt import read_meta_file
+from core.tokenizer import spec_from_hf_tokenizer
 
 HF_WEIGHTS = 'model.safetensors' # transformers' file name for the weights
 
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 HF_BUFFERS = ('.attn.bias', '.attn.masked_bias') # causal masks older transformers saved; not weights
-NANOGPT_ARGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
 GPT2_EOT = 50256
 # the GPT-2 config fields our GPT computes at one value only (transformers' defaults, OpenAI's models): a directory
 # with another value would load into a model that computes something else, so it is refused, naming the field
@@ -215,55 +215,63 @@ def read_hf(path):
 
 
 # -----------------------------------------------------------------------------
-# the public nanoGPT's ckpt.pt
+# the kind
 
-def export_nanogpt(model, path, step=0, best_val_loss=None, named_optimizer=None, tokenizer=None, weight_decay=0.1,
-                   learning_rate=6e-4, betas=(0.9, 0.95), run_config=None, replace_vocabulary=False):
+def read_hf_checkpoint(path, meta_path=None):
+    fields, weights = read_hf(path)
+    path, notes = Path(path), []
+    state = export_state(path, HF_WEIGHTS, notes)
+    tokenizer = hf_dir_tokenizer(path)
+    if tokenizer is None:
+        tokenizer = {'token_kind': 'gpt2'} if fields['vocab_size'] in (50257, 50304) else None
+    if meta_path: # a vocabulary named on the command line (--meta) wins
+        tokenizer = read_meta_file(meta_path)
+        notes.append(f'tokenizer: read from {meta_path}')
+    return Checkpoint(path, HF, config_from_dict(fields, path), tokenizer, state.get('step', 0),
+                      state.get('best_val_loss'), state, notes, weights=weights)
+
+
+def hf_dir_tokenizer(path):
+    """ our spec of the transformers tokenizer.json in a directory (as our exports write it, or anyone's), or None """
+    path = Path(path) / 'tokenizer.json'
+    return spec_from_hf_tokenizer(read_json(path)) if path.is_file() else None
+
+
+def export_state(path, weights_name, notes):
     """
-    A ckpt.pt that nanoGPT's sample.py and train.py --init_from=resume read unchanged: its seven model_args,
-    the merged weights, and an AdamW state positioned the way its configure_optimizers orders parameters
-    (empty moments when the checkpoint had none). Plain tensors, numbers, strings only. A char vocabulary also
-    goes beside it as nanoGPT's meta.pkl, which its sample.py reads from data/<dataset>/. Returns the files written.
+    The training_state.json our Hugging Face and peft exports write beside transformers' files (which ignore it):
+    the step and val loss of the weights, and the run's config. Used only while the weights are the ones exported
+    (their checksum in our manifest): transformers or peft may save new weights into the same directory.
     """
-    if Path(path).is_dir() or str(path).endswith(('/', os.sep)):
-        raise CheckpointError(f'{path} names a directory: a nanoGPT checkpoint is one file; name it, e.g. {Path(path) / "ckpt.pt"}')
-    config = model.config
-    extra = [f for f in ('n_hidden', 'activation') if getattr(config, f) != {'n_hidden': 4 * config.n_embd,
-                                                                              'activation': 'gelu'}[f]]
-    if extra:
-        raise CheckpointError(f'cannot export to nanoGPT: its GPT has no {", ".join(extra)} setting (this model has '
-                              + ', '.join(f'{f}={getattr(config, f)}' for f in extra) + ')')
-    standard = type(model).on_meta(type(config)(**{f: getattr(config, f) for f in NANOGPT_ARGS}))
-    groups, state, position = [], {}, 0
-    for params, decay in zip(standard.optimizer_groups(), (weight_decay, 0.0)):
-        names = [n for n, _ in params]
-        for i, name in enumerate(names):
-            moments = (named_optimizer or {}).get('state', {}).get(name)
-            if moments is not None:
-                state[position + i] = moments
-        groups.append({'lr': learning_rate, 'betas': betas, 'eps': 1e-8, 'weight_decay': decay, 'amsgrad': False,
-                       'foreach': None, 'maximize': False, 'capturable': False, 'differentiable': False,
-                       'fused': None, 'params': list(range(position, position + len(names)))})
-        position += len(names)
-    checkpoint = {'model': model.get_merged_state_dict(), 'optimizer': {'state': state, 'param_groups': groups},
-                  'model_args': {f: getattr(config, f) for f in NANOGPT_ARGS}, 'iter_num': int(step),
-                  'best_val_loss': float(best_val_loss) if best_val_loss is not None else 1e9,
-                  'config': {k: v for k, v in (run_config or {}).items() if isinstance(v, (int, float, str, bool))}}
-    meta = None
-    if tokenizer and tokenizer.get('token_kind') == 'char':
-        meta = {'vocab_size': len(tokenizer['chars']), 'itos': dict(enumerate(tokenizer['chars'])),
-                'stoi': {ch: i for i, ch in enumerate(tokenizer['chars'])}}
-        meta_path = Path(path).parent / 'meta.pkl'
-        if meta_path.is_file() and not replace_vocabulary and meta_path.read_bytes() != pickle.dumps(meta):
-            # another export's vocabulary: replacing it would make that export decode with ours
-            raise CheckpointError(f'{meta_path} holds another vocabulary (an earlier export beside it reads it); '
-                                  'export into a folder of its own, or pass --force to replace it')
-    Path(path).parent.mkdir(parents=True, exist_ok=True) # nanoGPT's layout is out_dir/ckpt.pt: make out_dir
-    # torch's zip CRC stays on here (unlike our bundles): the readers may run an older torch that checks it
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
-    written = [str(path)]
-    if meta is not None:
-        # the one pickle we write, because it is the target's format: builtin types only, as nanoGPT's prepare.py
-        atomic_write(meta_path, lambda f: pickle.dump(meta, f))
-        written.append(str(meta_path))
-    return written
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        return {}
+    try:
+        verify_file(path, weights_name, read_manifest(path)) # no manifest, or the file not in it: nothing to check
+    except DamagedError:
+        notes.append(f'{path / weights_name} is not the file this toolkit exported (saved again by another tool, or '
+                     f'damaged): the step and val loss in {STATE_FILE} do not describe it and are not used')
+        return {}
+    state = read_json(path / STATE_FILE)
+    if not isinstance(state, dict) or not (isinstance(state.get('step', 0), int) and state.get('step', 0) >= 0):
+        raise CheckpointError(f'{path / STATE_FILE}: expected a JSON object whose step is a whole number >= 0, found '
+                              f'{str(state)[:80]}')
+    return {k: v for k, v in state.items() if k in EXPORT_STATE and (k == 'step' or k == 'config' and isinstance(v, dict)
+                                                                   or k != 'config' and isinstance(v, (int, float)))}
+
+
+def export_about(ck):
+    """ what an export says about its weights: in its training_state.json and model card """
+    run = ck.training_state.get('config') or {}
+    return {'step': ck.step, 'val_loss': ck.training_state.get('val_loss'), 'best_val_loss': ck.best_val_loss,
+            'config': run, 'source': f'{ck.path} ({ck.title})', 'dataset': run.get('dataset'),
+            'tokenizer': (ck.tokenizer or {}).get('token_kind')}
+
+
+def write_hf(ck, model, out, force=False):
+    export_hf(model, out, ck.tokenizer, export_about(ck))
+
+
+HF = Kind('hf', 'Hugging Face GPT-2 directory (transformers)', lambda p: p if p.is_dir() and is_hf_dir(p) else None,
+          read_hf_checkpoint, write_hf, looks=f'a Hugging Face GPT-2 directory (config.json + {HF_WEIGHTS})',
+          weights_only='a Hugging Face directory holds weights only')

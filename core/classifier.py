@@ -1,0 +1,58 @@
+"""
+finetune_hindi_xnli.py's classifier (out_dir/best and out_dir/last): a bundle's file names around a classifier on a
+modded-nanogpt backbone, not a GPT language model. Its writer, reader and KINDS row; the script builds the model.
+"""
+
+import json
+from pathlib import Path
+
+from model import modded_lora_state
+from core.commit import check_sizes, commit_directory, load_verified, read_json, save_tensors, write_json
+from core.kind import BUNDLE_FILES, CONFIG_FILE, JSON_FILES, STATE_FILE, TOKENIZER_FILE, Checkpoint, Kind
+
+CLASSIFIER_KIND = 'nli_classifier' # what its config.json says it is
+
+
+def save_classifier(path, model, config, tokenizer_spec, state, optimizer=None):
+    """
+    Written whole into a hidden sibling directory, then swapped in: the old bundle stays until the new is whole.
+    model.pt holds the merged weights under the layout's own keys, with or without LoRA; with the optimizer (last/)
+    go the LoRA factors (adapter.pt), for an exact same-config resume.
+    """
+    merged, factors = modded_lora_state(model)
+    def write_files(tmp):
+        save_tensors(tmp / 'model.pt', {k: v.detach().cpu() for k, v in merged.items()})
+        if factors and optimizer is not None:
+            save_tensors(tmp / 'adapter.pt', {k: v.detach().cpu() for k, v in factors.items()})
+        write_json(tmp / 'config.json', config)
+        write_json(tmp / 'tokenizer.json', tokenizer_spec)
+        write_json(tmp / 'training_state.json', state)
+        if optimizer is not None:
+            save_tensors(tmp / 'optimizer.pt', optimizer.state_dict())
+    commit_directory(path, write_files, replaces=BUNDLE_FILES)
+
+
+def read_bundle_tensors(path, name):
+    return load_verified(path, name, check_sizes(path, editable=JSON_FILES)) # sizes, then checksum, then load
+
+
+def config_kind(path):
+    """ the "kind" a directory's config.json declares (finetune_hindi_xnli.py writes one), or None """
+    try:
+        config = json.loads((Path(path) / CONFIG_FILE).read_text(encoding='utf-8'))
+        return config.get('kind') if isinstance(config, dict) else None
+    except (OSError, ValueError):
+        return None # absent or not JSON: the bundle reader names the problem
+
+
+def read_classifier(path, meta_path=None):
+    """ finetune_hindi_xnli.py's out_dir/best or last: the bundle's file names, but a classifier, not a GPT """
+    config = read_json(Path(path) / CONFIG_FILE)
+    state = read_json(Path(path) / STATE_FILE) if (Path(path) / STATE_FILE).exists() else {}
+    tokenizer = read_json(Path(path) / TOKENIZER_FILE) if (Path(path) / TOKENIZER_FILE).exists() else None
+    return Checkpoint(path, CLASSIFIER, None, tokenizer, state.get('step', 0), None, state, details=config)
+
+
+CLASSIFIER = Kind('classifier', 'Fine-tuned classifier (finetune_hindi_xnli.py), not a GPT language model',
+                  lambda p: p if p.is_dir() and config_kind(p) == CLASSIFIER_KIND else None, read_classifier, None,
+                  gpt=False, looks='a fine-tuned classifier directory')
