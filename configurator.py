@@ -25,6 +25,8 @@ import difflib
 import os
 import types
 
+from core.errors import ClearError
+
 # under torchrun every process reads the config: only the first one says so
 say = print if os.environ.get('RANK', '0') == '0' else (lambda *args: None)
 
@@ -32,7 +34,7 @@ say = print if os.environ.get('RANK', '0') == '0' else (lambda *args: None)
 SIMPLE_TYPES = (bool, int, float, str, type(None), tuple, list)
 
 
-class ConfigError(ValueError):
+class ConfigError(ClearError):
     pass
 
 

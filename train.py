@@ -6,10 +6,10 @@ $ python train.py --model_name dante --max_iters 1100    # checkpoints/dante: re
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_standard.py
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_standard.py --fsdp=True   # sharded (FSDP2)
 
-Every save is a bundle of universal merged weights (core/bundle.py); under FSDP its sharded twin, written by
-every process (core/sharded.py, core/fsdp.py). Every resume takes the base
-architecture from the checkpoint and the adapter settings from this run's config, maps the weights onto
-them, and carries the optimizer state over by parameter name.
+Every save is a bundle of universal merged weights (core/bundle.py); under FSDP its sharded twin (core/sharded.py).
+Every resume takes the base architecture from the checkpoint and the adapter settings from this run's config, maps
+the weights onto them, and carries the optimizer state over by parameter name. The settings are checked once, before
+any work (core/train_checks.py); an error is one paragraph and exit code 1, its traceback only with --debug=True.
 """
 
 import os
@@ -24,16 +24,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.distributed import init_process_group
 
 from model import GPTConfig, GPT, ADAPTER_FIELDS, BASE_FIELDS, CheckpointMismatchError
-from configurator import apply_config, ConfigError
+from configurator import apply_config
 from core.bundle import apply_optimizer_state, rng_state, set_rng_state, wait_for_saves
 from core.checkpoint import CheckpointError, describe_load, find_checkpoint, read_checkpoint
-from core.cli import DEFAULT_DTYPE, SetupError, check_device, start_wandb, tell_torchrun
-from core.distributed import end_process_group
-from core.commit import is_plain_name, lock_writer
+from core.cli import DEFAULT_DTYPE, report_errors, start_wandb
+from core.distributed import end_process_group, lock_for_the_run
 from core.fsdp import is_sharded, shard_model
 from core.hf import GPT2_NAMES, pretrained_gpt2_dir
 from core.peft_adapter import read_peft
-from core.tokenizer import TokenizerError
+from core.train_checks import check_train_config, check_vocabulary, checkpoint_dir, nothing_saved_note, resume_notes
 from core.training import get_lr, set_lr, train_step, estimate_loss, save_checkpoint, resume_check_line
 from data.prepare import DatasetError, load_meta, prepare
 
@@ -103,79 +102,19 @@ config_keys = [k for k,v in globals().items() if not k.startswith('_') and isins
 config = {k: globals()[k] for k in config_keys}
 defaults = dict(config)
 given = set() # the settings this run gives (command line, config files), told apart from the defaults it leaves
-try:
-    apply_config(config, sys.argv[1:], given) # overrides from the command line or a config file
-except ConfigError as e:
-    sys.exit(f"error: {e}")
+report_errors() # a clear error ends the run in one paragraph, exit code 1 (core/cli.py)
+apply_config(config, sys.argv[1:], given) # overrides from the command line or a config file
 globals().update(config)
+report_errors(debug) # the traceback too, with debug = True
 # -----------------------------------------------------------------------------
 
 # what the run says, said once: under torchrun by the first process only (RANK 0), not once per process
 log = print if os.environ.get('RANK', '0') == '0' else (lambda *args: None)
-
-def fail(error):
-    # a clear message and a non-zero exit code, not a traceback from deep inside torch; under torchrun every
-    # process finds the same error, and the first one says it
-    tell_torchrun(f"error: {error}")
-    if os.environ.get('RANK', '0') != '0':
-        sys.exit(1)
-    if debug:
-        import traceback
-        traceback.print_exc()
-    sys.exit(f"error: {error}")
-
-# values no run can use: one clear error before any work, never an assert or a crash deep inside torch
-CHOICES = {'dtype': ('float32', 'bfloat16', 'float16'), 'embedding_mode': ('standard', 'lora')}
-AT_LEAST_ONE = ('batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'eval_interval', 'eval_iters',
-                'log_interval', 'gradient_accumulation_steps')
-AT_LEAST_ZERO = ('max_iters', 'warmup_iters', 'lr_decay_iters', 'n_hidden', 'attn_lora_rank', 'mlp_lora_rank',
-                 'embedding_rank', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip')
-FRACTIONS = ('dropout', 'lora_dropout', 'beta1', 'beta2') # in [0, 1)
-POSITIVE = ('lora_alpha',) # the update is scaled by lora_alpha / rank: 0 would train adapters that change nothing
-for k in AT_LEAST_ONE + AT_LEAST_ZERO + FRACTIONS + POSITIVE + tuple(CHOICES):
-    bound, v = (1 if k in AT_LEAST_ONE else 0), config[k]
-    wrong = ((v not in CHOICES[k]) if k in CHOICES else (not 0 <= v < 1) if k in FRACTIONS else
-             not v > 0 if k in POSITIVE else not v >= bound) # written so that NaN fails each
-    if wrong:
-        expected = (f'one of {", ".join(CHOICES[k])}' if k in CHOICES else 'at least 0 and below 1' if k in FRACTIONS
-                    else 'above 0' if k in POSITIVE else f'at least {bound}')
-        fail(f'{k} = {v!r} cannot be used: it must be {expected}')
-if config['n_embd'] % config['n_head']:
-    fail(f"n_embd = {n_embd} is not divisible by n_head = {n_head}: each head gets n_embd / n_head dimensions")
-if not is_plain_name(dataset):
-    fail(f'dataset = {dataset!r} is not a dataset name: it names a folder in data/ (e.g. pydocs_char), not a path')
-try:
-    check_device(device, name='device =', fix='--device=cpu')
-except SetupError as e:
-    fail(e)
-if model_name and not is_plain_name(model_name):
-    fail(f'model_name = {model_name!r} is not a name: checkpoints live in checkpoints/<model_name>, so no paths')
-if resume_from and init_from not in ('scratch', 'resume') and os.path.abspath(resume_from) != os.path.abspath(init_from):
-    fail(f'init_from = {init_from!r} and resume_from = {resume_from!r} name two checkpoints: pass one of them')
-if adapter_from and (resume_from or init_from == 'resume'):
-    fail(f'adapter_from = {adapter_from!r} starts a run from a peft adapter, and resume_from / init_from = \'resume\' '
-         'continues one of ours: pass one of them (the base model of the adapter goes in init_from)')
-if fsdp and os.environ.get('RANK') is None:
-    fail('fsdp = True shards the model across the processes that torchrun starts, and this run is one process: '
-         'run it as torchrun --standalone --nproc_per_node=N train.py ... (N = 1 works too), or leave out --fsdp')
+for note in check_train_config(config): # settings no run can use stop it here, before any work
+    log(f"note: {note}")
 if fsdp and 'async_save' not in given:
     async_save = config['async_save'] = True
-if fsdp and dtype == 'float16':
-    fail("dtype = 'float16' cannot be used with fsdp = True (its gradient scaler does not work on sharded gradients): "
-         "use --dtype=bfloat16, or float32")
-# an adapter setting that the other settings switch off is said, never silently dropped
-if embedding_mode == 'lora' and embedding_rank == 0:
-    log("note: embedding_mode = 'lora' with embedding_rank = 0: the embedding stays standard (pass --embedding_rank=N)")
-if embedding_mode == 'standard' and embedding_rank > 0:
-    log(f"note: embedding_rank = {embedding_rank} is not used: embedding_mode = 'standard' (pass "
-          "--embedding_mode=lora for LoRA on the token embedding)")
-
-if model_name:
-    if out_dir != 'out':
-        log(f"note: out_dir = {out_dir!r} is not used: with model_name, checkpoints live in checkpoints/{model_name}")
-    out_dir = config['out_dir'] = os.path.join('checkpoints', model_name) # the bundle format's layout
-if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    fail(f'out_dir = {out_dir!r} is a file: checkpoints are written as a directory there; name a directory')
+out_dir = config['out_dir'] = checkpoint_dir(config)
 
 # various inits, derived attributes, I/O setup
 ddp = int(os.environ.get('RANK', -1)) != -1 # is this a ddp run?
@@ -203,20 +142,7 @@ else:
     master_process = True
     seed_offset = 0
     ddp_world_size = 1
-# one writer per out_dir, for the whole run: a second run saving there would undo this one's saves
-lock_error = None
-if master_process and not eval_only and os.path.isdir(os.path.dirname(os.path.abspath(out_dir))):
-    try:
-        lock_writer(out_dir) # (a new parent folder is made, and locked, at the first save instead)
-    except CheckpointError as e:
-        lock_error = e
-if ddp: # every process learns rank 0's outcome: the others stop beside its message, not in the next collective
-    refused = torch.tensor([lock_error is not None], dtype=torch.int32, device=device)
-    torch.distributed.broadcast(refused, src=0)
-    if refused.item() and lock_error is None:
-        lock_error = CheckpointError(f'{out_dir} is being written by another run (process 0 names it)')
-if lock_error:
-    fail(lock_error)
+lock_for_the_run(out_dir, master_process and not eval_only, device) # one writer per out_dir (core/distributed.py)
 torch.manual_seed(seed + seed_offset)
 torch.backends.cuda.matmul.allow_tf32 = True # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True # allow tf32 on cudnn
@@ -230,14 +156,11 @@ ctx = nullcontext() if device_type == 'cpu' or fsdp else torch.amp.autocast(devi
 data_dir = os.path.join('data', dataset) # nanoGPT's place, relative to where you run; else the repo's own
 if not os.path.isdir(data_dir):
     data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
-try:
-    if not os.path.exists(os.path.join(data_dir, 'train.bin')) and master_process:
-        prepare(dataset, out_dir=data_dir)
-    if ddp:
-        torch.distributed.barrier() # the other ranks read what rank 0 prepared
-    meta = load_meta(data_dir)
-except (DatasetError, TokenizerError) as e:
-    fail(e)
+if not os.path.exists(os.path.join(data_dir, 'train.bin')) and master_process:
+    prepare(dataset, out_dir=data_dir)
+if ddp:
+    torch.distributed.barrier() # the other ranks read what rank 0 prepared
+meta = load_meta(data_dir)
 
 def get_batch(split, generator=None):
     # We recreate np.memmap every batch to avoid a memory leak, as per
@@ -267,19 +190,13 @@ if adapter_from:
 if init_from not in ('scratch', 'resume'):
     resume_path = init_from # a path: any bundle, legacy file or Hugging Face GPT-2 directory
     if init_from in GPT2_NAMES and not os.path.exists(init_from): # nanoGPT's: OpenAI's weights, via the HF cache
-        try:
-            resume_path = pretrained_gpt2_dir(init_from)
-        except CheckpointError as e:
-            fail(e)
+        resume_path = pretrained_gpt2_dir(init_from)
 ckpt = None
 if not resume_path and not adapter_from:
     log("Initializing a new model from scratch")
     # nanoGPT pads GPT-2's 50257 up to 50304 (a multiple of 64) for speed; a char vocabulary is used as is
     model_args['vocab_size'] = 50304 if meta['tokenizer']['token_kind'] == 'gpt2' else meta['vocab_size']
-    try:
-        model = GPT(GPTConfig(**model_args))
-    except ValueError as e:
-        fail(e)
+    model = GPT(GPTConfig(**model_args))
     model.tokenizer_spec = meta['tokenizer']
 else:
     # --- smart resume: the checkpoint decides the base, this config the adapters; the key mapping lives in
@@ -289,56 +206,30 @@ else:
         log(f"Initializing from the peft adapter {adapter_from}" + (f" on the base model {named}" if named else ''))
     else:
         log(f"{'Initializing from' if init_from not in ('scratch', 'resume') else 'Resuming training from'} {named}")
-    try:
-        ckpt = read_peft(adapter_from, base=resume_path or None) if adapter_from else read_checkpoint(resume_path)
-        ckpt.check_config() # a GPT whose config.json describes its weights, checked before anything is built
-        if ckpt.tokenizer is not None and ckpt.tokenizer != meta['tokenizer']:
-            raise CheckpointError(f"{ckpt.path} was trained with another tokenizer than {data_dir}/meta.json's "
-                                  f"({ckpt.tokenizer.get('token_kind')} vs {meta['tokenizer'].get('token_kind')}, "
-                                  f"vocab {ckpt.config.vocab_size} vs {meta['vocab_size']}): pick the dataset it was trained on")
-        if ckpt.tokenizer is None and meta['vocab_size'] > ckpt.config.vocab_size:
-            raise CheckpointError(f"{ckpt.path} stores no vocabulary, and {data_dir}/meta.json's has {meta['vocab_size']} "
-                                  f"tokens where the model has {ckpt.config.vocab_size} embedding rows: ids past "
-                                  f"{ckpt.config.vocab_size - 1} have no embedding. Pick the dataset it was trained on")
-        for k in BASE_FIELDS:
-            ours, theirs = model_args.get(k), getattr(ckpt.config, k)
-            if k in given and ours != theirs and not (k == 'n_hidden' and ours == 0) and k != 'block_size':
-                log(f"note: {k} = {theirs} from the checkpoint is used (this config says {ours})")
-            model_args[k] = theirs
-        if adapter_from: # the adapter brings its settings (rank, alpha, targets); one this run sets otherwise wins
-            for k, theirs in ckpt.training_state['adapter'].items():
-                if k in given and config[k] != theirs:
-                    log(f"note: {k} = {config[k]} from this config is used (the peft adapter has {theirs})")
-                else:
-                    model_args[k] = config[k] = theirs
-        model = GPT.on_meta(GPTConfig(**model_args)) # built without memory or init: the checkpoint fills it
-        # under FSDP the model is sharded before the load where it can be: each process then reads its own shards
-        shard_by_shard = fsdp and ckpt.loads_shard_by_shard(GPTConfig(**{**model_args, 'block_size': block_size}))
-        if shard_by_shard:
-            shard_model(model, device_type, ptdtype)
-            model.to_empty(device=device)
-        report = ckpt.load_into(model)
-    except (CheckpointError, CheckpointMismatchError) as e:
-        fail(e)
+    ckpt = read_peft(adapter_from, base=resume_path or None) if adapter_from else read_checkpoint(resume_path)
+    ckpt.check_config() # a GPT whose config.json describes its weights, checked before anything is built
+    check_vocabulary(ckpt, meta, data_dir)
+    if adapter_from: # the adapter brings its settings (rank, alpha, targets); one this run sets otherwise wins
+        for k, theirs in ckpt.training_state['adapter'].items():
+            if k in given and config[k] != theirs:
+                log(f"note: {k} = {config[k]} from this config is used (the peft adapter has {theirs})")
+            else:
+                model_args[k] = config[k] = theirs
+    notes = resume_notes(ckpt, config, given, defaults, meta, data_dir)
+    model_args.update({k: getattr(ckpt.config, k) for k in BASE_FIELDS}) # the checkpoint's base architecture
+    model = GPT.on_meta(GPTConfig(**model_args)) # built without memory or init: the checkpoint fills it
+    # under FSDP the model is sharded before the load where it can be: each process then reads its own shards
+    shard_by_shard = fsdp and ckpt.loads_shard_by_shard(GPTConfig(**{**model_args, 'block_size': block_size}))
+    if shard_by_shard:
+        shard_model(model, device_type, ptdtype)
+        model.to_empty(device=device)
+    report = ckpt.load_into(model)
     log(describe_load(ckpt, report) + ('; each process read its own shards' if shard_by_shard else ''))
-    trained = ckpt.trained_adapters()
-    if GPTConfig(**{**model_args, **trained}).uses_lora and not model.config.uses_lora and not given & set(ADAPTER_FIELDS):
-        flags = ' '.join(f'--{k}={v}' for k, v in trained.items() if v != defaults[k])
-        log(f"note: {ckpt.path} was trained with LoRA; this run sets no adapters, so the merged weights go on as a "
-            f"standard model (all of them trainable). To continue the adapters instead: {flags}")
-    if ckpt.tokenizer is None:
-        log(f"note: {ckpt.path} stores no vocabulary: {data_dir}/meta.json's ({meta['vocab_size']} tokens) is used "
-            f"with the model's {ckpt.config.vocab_size} embedding rows, and saved with the checkpoint")
-    # the block size: the checkpoint has position embeddings for ckpt.config.block_size positions
-    if block_size < ckpt.config.block_size:
-        log(f"note: block_size = {block_size} from this config: the checkpoint's {ckpt.config.block_size} position "
-            f"embeddings are cropped to the first {block_size} (nanoGPT's crop_block_size; their optimizer state starts fresh)")
+    for note in notes:
+        log(f"note: {note}")
+    if block_size < ckpt.config.block_size: # nanoGPT's crop: the first block_size position embeddings
         model.crop_block_size(block_size)
-    elif block_size > ckpt.config.block_size:
-        log(f"note: block_size = {ckpt.config.block_size} from the checkpoint is used: it has position embeddings "
-            f"for {ckpt.config.block_size} positions only, so this config's {block_size} cannot be honoured; "
-            f"batches, evaluation and generation use {ckpt.config.block_size}")
-        block_size = config['block_size'] = ckpt.config.block_size
+    block_size = config['block_size'] = min(block_size, ckpt.config.block_size)
     model.tokenizer_spec = ckpt.tokenizer or meta['tokenizer']
     iter_num = ckpt.step
     best_val_loss = ckpt.best_val_loss if ckpt.best_val_loss is not None else 1e9
@@ -354,8 +245,8 @@ log(f"tokens per iteration will be: {tokens_per_iter:,}")
 for split in ('train', 'val'): # every batch draws block_size + 1 tokens from the split
     tokens = os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // 2
     if tokens <= block_size:
-        fail(f'{data_dir}/{split}.bin has {tokens} tokens, but a batch needs block_size + 1 = {block_size + 1}: '
-             'use a smaller --block_size or more text')
+        raise DatasetError(f'{data_dir}/{split}.bin has {tokens} tokens, but a batch needs block_size + 1 = '
+                           f'{block_size + 1}: use a smaller --block_size or more text')
 log("number of parameters: %.2fM (%.2fM trainable)" % (model.get_num_params(non_embedding=False)/1e6,
       sum(p.numel() for p in model.parameters() if p.requires_grad)/1e6))
 model.to(device)
@@ -370,10 +261,7 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 # optimizer; on resume its state is carried over by parameter name, fresh where names or shapes differ
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, master_process)
 if ckpt is not None:
-    try:
-        kept, fresh = apply_optimizer_state(model, optimizer, ckpt.optimizer_state(model), report['fresh_lora'])
-    except CheckpointError as e:
-        fail(e)
+    kept, fresh = apply_optimizer_state(model, optimizer, ckpt.optimizer_state(model), report['fresh_lora'])
     log(f"optimizer: state carried over for {kept} parameter tensors, fresh for {fresh}")
     if 'scaler' in ckpt.training_state and scaler.is_enabled():
         scaler.load_state_dict(ckpt.training_state['scaler'])
@@ -393,10 +281,7 @@ if ddp and not fsdp:
 
 # logging
 if wandb_log and master_process:
-    try:
-        wandb_run = start_wandb(wandb_project, wandb_run_name, config)
-    except SetupError as e:
-        fail(e)
+    wandb_run = start_wandb(wandb_project, wandb_run_name, config)
 
 def evaluation_due(it):
     return it % eval_interval == 0 or it >= max_iters
@@ -470,14 +355,12 @@ while True:
         if losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0 and not eval_only and not (in_place and local_iter_num == 0): # nor re-saves it untrained
-                try:
+                try: # a failed save (disk full, a diverged adapter) ends the run; the last good checkpoint stays
                     saving = True
                     save_checkpoint(out_dir, raw_model, optimizer if save_optimizer else None, iter_num,
                                     best_val_loss, losses['val'], config, scaler, rng_before_batch, async_save,
                                     sharded=fsdp, log=log)
                     saved = True
-                except (CheckpointError, CheckpointMismatchError) as e: # disk full; a diverged adapter (NaN)
-                    fail(e)
                 finally:
                     saving = False
                 if ctrl_c:
@@ -505,21 +388,10 @@ while True:
     iter_num += 1
     local_iter_num += 1
 
-try:
-    wait_for_saves() # the last checkpoint (async_save) is committed before the run ends
-except (CheckpointError, CheckpointMismatchError) as e:
-    fail(e)
-# a run that writes no checkpoint says why, so an unchanged out_dir is no surprise
-if eval_only:
-    log("note: eval_only = True: nothing was saved (an evaluation never rewrites a checkpoint)")
-elif not saved and in_place and local_iter_num == 0:
-    pass # said before the loop
-elif not saved and iter_num == 0:
-    convert = f"; python convert_checkpoints.py {resume_path} --to bundle DIR writes it as a bundle" if resume_path else ''
-    log(f"note: nothing was saved to {out_dir}: no step was trained (max_iters = {max_iters}){convert}")
-elif not saved:
-    log(f"note: nothing was saved to {out_dir}: the val loss never went below best_val_loss {best_val_loss:.4f} "
-        "(always_save_checkpoint = False)")
+wait_for_saves() # the last checkpoint (async_save) is committed before the run ends
+unsaved = nothing_saved_note(config, saved, local_iter_num, iter_num, in_place, resume_path, best_val_loss)
+if unsaved: # an unchanged out_dir is no surprise
+    log(f"note: {unsaved}")
 if wandb_log and master_process:
     wandb_run.finish() # writes the run's summary (and, offline, its files) now
 if ddp:

@@ -11,18 +11,18 @@ import traceback
 
 import torch
 
-from configurator import ConfigError
 from model import CheckpointMismatchError
 from core.checkpoint import CheckpointError, read_checkpoint
-from core.tokenizer import TokenizerError
+from core.errors import ClearError
 
 
-
-class SetupError(Exception):
+class SetupError(ClearError):
     """ a run that cannot start as asked (a device this machine lacks, no wandb login, a prompt file): one paragraph """
 
 
-CLEAR_ERRORS = (CheckpointError, CheckpointMismatchError, TokenizerError, SetupError, ConfigError, OSError)
+# what ends a script in one paragraph: our own, a checkpoint that does not fit the model (model.py stays free of
+# core/), and what the operating system says of a file
+CLEAR_ERRORS = (ClearError, CheckpointMismatchError, OSError)
 DTYPES = ('float32', 'bfloat16', 'float16')
 # nanoGPT's default, for every tool: bfloat16 where the GPU has it, else float16 on a GPU (with a GradScaler), else float32
 DEFAULT_DTYPE = ('bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else
@@ -83,10 +83,32 @@ def open_checkpoint(args):
     return read_checkpoint(checkpoint_location(args), args.legacy_checkpoint, args.meta)
 
 
+def say_error(error, debug=False):
+    """ the one way a clear error reaches the user: 'error: ...' on stderr (under torchrun from the first process
+    only, and in torchrun's own error file), the traceback too with debug """
+    tell_torchrun(f'error: {error}')
+    if os.environ.get('RANK', '0') != '0':
+        return
+    if debug:
+        traceback.print_exception(error)
+    print(f'error: {error}', file=sys.stderr, flush=True)
+
+
+def report_errors(debug=False):
+    """ for a script that runs at top level (train.py): a clear error that nothing caught ends it as say_error
+    says, with exit code 1; anything else keeps Python's traceback """
+    def hook(kind, error, trace):
+        if isinstance(error, CLEAR_ERRORS):
+            say_error(error, debug)
+        else:
+            sys.__excepthook__(kind, error, trace)
+    sys.excepthook = hook
+
+
 def run(main, args):
+    """ main(args) for a tool with a main function: a clear error ends it as say_error says, with exit code 1 """
     try:
         main(args)
     except CLEAR_ERRORS as e:
-        if args.debug:
-            traceback.print_exc()
-        sys.exit(f'error: {e}')
+        say_error(e, args.debug)
+        sys.exit(1)

@@ -31,15 +31,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 import xxhash # xxh3-64: 22 GB/s here, against zlib.crc32's 4 GB/s; every load of a checkpoint hashes its files
+
+from core.errors import ClearError
 
 MANIFEST_FILE = 'manifest.json'
 MANIFEST_VERSION = 2 # 1 had crc32 checksums, still verified when found
 SAVING, PREVIOUS = '.saving-', '.previous-'
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ClearError):
     """ a checkpoint that cannot be read or written: the message names the file, what was expected and what was found """
 
 

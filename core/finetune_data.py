@@ -14,6 +14,7 @@ import os
 import random
 from collections import namedtuple
 
+from core.errors import ClearError
 from core.tokenizer import TokenizerError, hf_spec_from_file
 
 LABELS = ('entailment', 'neutral', 'contradiction')  # XNLI's class ids 0, 1, 2, as in Hugging Face datasets
@@ -26,7 +27,7 @@ VALID_SPLITS = ('validation', 'valid', 'dev')  # the names datasets on the hub g
 Examples = namedtuple('Examples', 'rows names text_columns label_column')
 
 
-class DataError(ValueError):
+class DataError(ClearError):
     """ data that cannot be used: the message names the file or dataset, what was expected and what was found """
 
 

@@ -17,11 +17,13 @@ import json
 import tiktoken
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from core.errors import ClearError
+
 # For hf tokenizers, the first of these that exists is taken as the end-of-text token.
 HF_EOT_TOKENS = ("<|endoftext|>", "</s>", "[SEP]", "<eos>", "[EOS]")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(ClearError):
     pass
 
 

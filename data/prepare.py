@@ -24,6 +24,7 @@ if __name__ == "__main__":  # run as `python data/prepare.py`: make the repo roo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.args import Parser
 from core.commit import atomic_write, write_json
+from core.errors import ClearError
 from core.tokenizer import TokenizerError, char_spec, load_tokenizer
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -36,7 +37,7 @@ DATASETS = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(ClearError):
     pass
 
 
