@@ -1,5 +1,5 @@
 """
-The README is executable: every shell command in its code blocks (```bash lines, and `$ command` lines in output
+The README and docs/*.md are executable: every shell command in their code blocks (```bash lines, and `$ command` lines in output
 blocks) and every ```python snippet runs, in README order, in one scratch copy of the repository, so a documented
 command that does not run fails CI. Commands run as written, plus appended overrides that keep CI fast:
 - train.py: max_iters and eval_interval (the config's values, read through configurator.apply_config) divided by
@@ -27,7 +27,9 @@ from pathlib import Path
 from configurator import apply_config
 from tests.helpers import REPO, SHARED
 
-README_LINES = (REPO / 'README.md').read_text().splitlines()
+# read in this order, as one document: a page's commands may use what an earlier page's made
+DOCUMENTS = ['README.md'] + [f'docs/{name}.md' for name in ('resume', 'tools', 'huggingface', 'finetuning', 'reliability',
+                                                            'scaling', 'performance', 'data', 'python_api', 'tests')]
 
 SCALE = 50
 TRAIN_SIZE = ['--eval_iters', '2', '--batch_size', '4', '--block_size', '32', '--n_layer', '2', '--n_embd', '64']
@@ -64,8 +66,14 @@ def normalise(line):
 
 
 def readme_items():
-    """ [(line number, kind, text, shown output lines)] in README order; kind is 'bash', '$' or 'python' """
-    lines, items, i, snippet_end = README_LINES, [], 0, None
+    """ [(place, kind, text, shown output lines)] in DOCUMENTS order (place: 'file:line'); kind is 'bash', '$' or
+    'python' """
+    return [[f'{name}:{n}', *rest] for name in DOCUMENTS for n, *rest in document_items((REPO / name).read_text().splitlines())]
+
+
+def document_items(lines):
+    """ [(line number, kind, text, shown output lines)] of one document """
+    items, i, snippet_end = [], 0, None
     while i < len(lines):
         fence = re.match(r'```(\w*)$', lines[i])
         if not fence:
@@ -255,9 +263,17 @@ def test_readme_commands_and_snippets_run_as_documented(tmp_path):
         problems = check_shown(shown, out, expect_failure, code)
         if problems:
             tail = '\n'.join(out.strip().splitlines()[-15:])
-            failures.append(f'README.md:{n}: {text}\n  ' + '\n  '.join(problems) + f'\n  output (tail):\n{tail}\n')
+            failures.append(f'{n}: {text}\n  ' + '\n  '.join(problems) + f'\n  output (tail):\n{tail}\n')
     print(f'README: {counts}, {sum(t for t, _ in timings):.0f} s; slowest (s, line):',
           [(round(t), n) for t, n in sorted(timings, reverse=True)[:6]])
     assert not failures, f'{len(failures)} README items failed:\n\n' + '\n'.join(failures)
     assert matched == set(PARSE_ONLY), f'PARSE_ONLY entries not in the README: {set(PARSE_ONLY) - matched}'
     assert counts == EXPECTED, 'the README changed: check each new command runs here, then update EXPECTED'
+
+
+def test_every_page_is_read_and_every_example_in_the_readme_tables_runs():
+    assert sorted(DOCUMENTS[1:]) == sorted(f'docs/{p.name}' for p in (REPO / 'docs').glob('*.md'))
+    run = {text for _, kind, text, _ in readme_items() if kind != 'python'}
+    readme = (REPO / 'README.md').read_text()
+    examples = re.findall(r'^\|[^|]*\|[^|]*\| `((?:python|torchrun) [^`]*)` \|$', readme, re.M)
+    assert len(examples) >= 9 and not [e for e in examples if e not in run], [e for e in examples if e not in run]
