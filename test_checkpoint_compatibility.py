@@ -19,7 +19,8 @@ import torch
 
 from model import GPT, GPTConfig
 from core.checkpoint import CheckpointManager, read_checkpoint
-from tests.helpers import (TINY_LORA_CONFIG, losses_by_iter, make_nanogpt_checkpoint, resume_check, run_script,
+from core.training import read_resume_check
+from tests.helpers import (TINY_LORA_CONFIG, losses_by_iter, make_nanogpt_checkpoint, run_script,
                            run_train)
 
 RESUME_TOLERANCE = 1e-4  # |first evaluation after resume - evaluation stored at save|
@@ -37,7 +38,7 @@ def test_standard_to_lora(tmp_path):
     """standard -> LoRA: weights remapped to main weights, fresh adapters, same function, new optimizer"""
     run_train(tmp_path, '--out_dir', 'std')
     out = run_train(tmp_path, TINY_LORA_CONFIG, '--resume_from', 'std', '--out_dir', 'lora', '--max_iters', 30)
-    now, stored = resume_check(out)
+    now, stored = read_resume_check(out)
     assert abs(now - stored) < RESUME_TOLERANCE, out
     assert 'keys remapped to adapter main weights' in out and 'adapters initialised fresh' in out
     assert '9 adapters initialised fresh' in out
@@ -51,7 +52,7 @@ def test_lora_to_standard(tmp_path):
     """LoRA -> standard: merged weights give the LoRA run's evaluation; norms and biases keep their optimizer state"""
     run_train(tmp_path, TINY_LORA_CONFIG, '--out_dir', 'lora', '--bias', True, '--lora_train_norms_biases', True)
     out = run_train(tmp_path, '--resume_from', 'lora', '--out_dir', 'std', '--max_iters', 30)
-    now, stored = resume_check(out)
+    now, stored = read_resume_check(out)
     assert abs(now - stored) < RESUME_TOLERANCE, out
     # the LoRA run trained its 2 x 4 LayerNorms + 2 x 4 linear biases + ln_f (2) by name; the rest is new
     n_norms_biases = 2 * (2 * 2 + 4) + 2
@@ -66,7 +67,7 @@ def test_rank_change(tmp_path):
     run_train(tmp_path, TINY_LORA_CONFIG, '--out_dir', 'r4')
     out = run_train(tmp_path, TINY_LORA_CONFIG, '--resume_from', 'r4', '--out_dir', 'r8', '--max_iters', 30,
                     '--attn_lora_rank', 8, '--mlp_lora_rank', 8)
-    now, stored = resume_check(out)
+    now, stored = read_resume_check(out)
     assert abs(now - stored) < RESUME_TOLERANCE, out
     assert '8 adapters initialised fresh' in out and '1 adapters restored' in out  # the embedding kept rank 4
     # the optimizer state of the embedding's factors (same rank, same names) comes along; the rest is new

@@ -2,6 +2,8 @@
 Helpers shared by the test files: run the real scripts as a user would, and build the files other tools write.
 """
 
+import ast
+import contextlib
 import os
 import pickle
 from pathlib import Path
@@ -9,7 +11,6 @@ from pathlib import Path
 import torch
 
 from model import GPT, GPTConfig
-from core.training import read_resume_check
 from tests.launcher import run_python
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,9 +41,6 @@ def losses_by_iter(output):
     """ {iter: loss} from train.py's 'iter N: loss X' lines """
     return {int(line.split()[1][:-1]): float(line.split()[3][:-1])
             for line in output.splitlines() if line.startswith('iter ')}
-
-
-resume_check = read_resume_check # (now, stored) val losses from train.py's resume check line
 
 
 def make_nanogpt_checkpoint(directory, vocab_chars, n_layer=2, n_head=2, n_embd=32, block_size=32, steps=3,
@@ -173,3 +171,16 @@ def make_peft_adapter(base_dir, adapter_dir, vocab_size, targets, r=4, alpha=16,
         optimizer.zero_grad()
     model.save_pretrained(adapter_dir)
     return Logits(model.eval())
+
+
+def train_defaults():
+    """ train.py's config globals (those above `config_keys = ...`), literal values, None for expressions """
+    defaults = {}
+    for node in ast.parse((REPO / 'train.py').read_text()).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id == 'config_keys':
+                break
+            with contextlib.suppress(ValueError):
+                defaults[node.targets[0].id] = None
+                defaults[node.targets[0].id] = ast.literal_eval(node.value)
+    return defaults

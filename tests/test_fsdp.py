@@ -22,7 +22,8 @@ import torch
 from core.checkpoint import CheckpointError, find_checkpoint, read_checkpoint
 from core.commit import MANIFEST_FILE, SAVING, verify_file
 from core.fsdp import METADATA
-from tests.helpers import REPO, TINY_CONFIG, resume_check, run_script, run_train
+from core.training import read_resume_check
+from tests.helpers import REPO, TINY_CONFIG, run_script, run_train
 from tests.launcher import run_python
 
 pytestmark = pytest.mark.xdist_group('fsdp') # the module's 2-process run is made once, in one worker
@@ -87,7 +88,7 @@ def test_it_resumes_on_another_number_of_processes(sharded, processes):
     # new factors need the whole weight: then every process reads the whole checkpoint, else only its own shards
     assert ('each process read its own shards' in out) != bool(lora), out[-2000:]
     assert ('state carried over for 15 parameter tensors, fresh for 0' in out) != bool(lora), out[-2000:]
-    now, stored = resume_check(out)
+    now, stored = read_resume_check(out)
     assert abs(now - stored) <= VAL_TOL, out[-3000:]
     ck = read_checkpoint(root / f'run{processes}')
     assert ck.step == 9 and ck.training_state['shards']['processes'] == processes
@@ -111,7 +112,7 @@ def test_a_resume_that_crops_the_block_size_trains_and_saves_what_it_evaluates(s
     assert 'cropped to the first 16' in out and 'each process read its own shards' not in out, out[-2000:]
     out = torchrun(root, 2, '--fsdp', True, '--resume_from', 'crop', '--out_dir', 'crop', '--max_iters', 13,
                    '--eval_interval', 4, '--gradient_accumulation_steps', 4, '--block_size', 16)
-    now, stored = resume_check(out)
+    now, stored = read_resume_check(out)
     assert abs(now - stored) <= VAL_TOL and 'each process read its own shards' in out, out[-3000:]
 
 

@@ -17,9 +17,10 @@ from safetensors.torch import load_file, save_file
 from core.checkpoint import CheckpointError, read_checkpoint, save_bundle
 from core.peft_adapter import read_peft
 from core.tokenizer import char_spec, load_tokenizer
+from core.training import read_resume_check
 from data.prepare import pydocs_text
 from model import GPT, GPTConfig
-from tests.helpers import REPO, SHARED, TINY_CONFIG, Logits, make_peft_adapter, resume_check, run_script
+from tests.helpers import REPO, SHARED, TINY_CONFIG, Logits, make_peft_adapter, run_script
 
 TOL = 1e-4
 LORA = dict(attn_lora_rank=4, mlp_lora_rank=2, embedding_mode='lora', embedding_rank=3, lora_alpha=8.0)
@@ -104,7 +105,7 @@ def test_a_peft_made_adapter_continues_in_train_py_from_the_same_logits(tmp_path
     flags = [f'--{k}={v}' for k, v in settings.items()]
     out = run_script('train.py', TINY_CONFIG, '--resume_from', 'out', '--max_iters', 3, *flags, cwd=tmp_path)[1]
     assert f'{restored + fresh} adapters restored' in out and 'initialised fresh' not in out, out[-2000:]
-    now, stored = resume_check(out)
+    now, stored = read_resume_check(out)
     assert abs(now - stored) <= TOL
 
 

@@ -13,7 +13,6 @@ snippet), its key lines must appear in the real output with numbers normalised; 
 `error:` / `FAILED:` line must exit 1 with it. The counts of each kind are asserted, so no command falls through.
 """
 
-import ast
 import contextlib
 import io
 import os
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 from configurator import apply_config
-from tests.helpers import REPO, SHARED
+from tests.helpers import REPO, SHARED, train_defaults
 
 # read in this order, as one document: a page's commands may use what an earlier page's made
 DOCUMENTS = ['README.md'] + [f'docs/{name}.md' for name in ('resume', 'tools', 'huggingface', 'finetuning', 'reliability',
@@ -117,19 +116,6 @@ def chain(tokens):
     for token in tokens:
         pieces.append([]) if token == '&&' else pieces[-1].append(token)
     return pieces
-
-
-def train_defaults():
-    """ train.py's config globals (those above `config_keys = ...`), literal values, None for expressions """
-    defaults = {}
-    for node in ast.parse((REPO / 'train.py').read_text()).body:
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            if node.targets[0].id == 'config_keys':
-                break
-            with contextlib.suppress(ValueError):
-                defaults[node.targets[0].id] = None
-                defaults[node.targets[0].id] = ast.literal_eval(node.value)
-    return defaults
 
 
 def train_config(args, scratch):

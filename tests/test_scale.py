@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 from core.checkpoint import read_checkpoint
-from tests.helpers import REPO, TINY_CONFIG, resume_check, run_train, wandb_offline_run
+from core.training import read_resume_check
+from tests.helpers import REPO, TINY_CONFIG, run_train, wandb_offline_run
 
 
 def torchrun(cwd, *args):
@@ -32,10 +33,10 @@ def test_torchrun_two_processes_then_resume_with_one_and_with_lora(tmp_path):
     assert list(ddp.weights()) == list(single.weights()) and sorted(ddp.training_state) == sorted(single.training_state)
     # resumed by one process, and with LoRA: nothing lost across the change of process count
     out = run_train(tmp_path, '--resume_from', 'ddp', '--out_dir', 'one', '--max_iters', 15)
-    now, stored = resume_check(out)
+    now, stored = read_resume_check(out)
     assert abs(now - stored) < 1e-4 and 'state carried over for 15 parameter tensors, fresh for 0' in out
     out = run_train(tmp_path, '--resume_from', 'ddp', '--out_dir', 'lora', '--max_iters', 15, '--attn_lora_rank', 4)
-    assert abs(resume_check(out)[0] - resume_check(out)[1]) < 1e-4 and 'adapters initialised fresh' in out
+    assert abs(read_resume_check(out)[0] - read_resume_check(out)[1]) < 1e-4 and 'adapters initialised fresh' in out
     # and back under torchrun, with LoRA, from the single-process LoRA bundle
     out = torchrun(tmp_path, '--resume_from', 'lora', '--out_dir', 'lora-ddp', '--max_iters', 20, '--attn_lora_rank', 4,
                    '--gradient_accumulation_steps', 2)

@@ -13,15 +13,10 @@ from core.checkpoint import CheckpointError
 from core.cli import SetupError
 from core.train_checks import (AT_LEAST_ONE, AT_LEAST_ZERO, CHOICES, ERRORS, FRACTIONS, NOTES, POSITIVE,
                                check_train_config, check_vocabulary, nothing_saved_note, resume_notes)
+from tests.helpers import train_defaults
 
-# the settings check_train_config reads, at values a run can use (train.py's defaults where they matter)
-VALID = dict(batch_size=16, block_size=128, n_layer=4, n_head=4, n_embd=128, eval_interval=250, eval_iters=20,
-             log_interval=10, gradient_accumulation_steps=1, max_iters=2000, warmup_iters=100, lr_decay_iters=2000,
-             n_hidden=0, attn_lora_rank=0, mlp_lora_rank=0, embedding_rank=0, learning_rate=1e-3, min_lr=1e-4,
-             weight_decay=0.1, grad_clip=1.0, dropout=0.0, lora_dropout=0.0, beta1=0.9, beta2=0.99, lora_alpha=1.0,
-             dtype='float32', embedding_mode='standard', dataset='pydocs_char', device='cpu', model_name='',
-             out_dir='out', init_from='scratch', resume_from='', adapter_from='', fsdp=False, eval_only=False,
-             lora_train_norms_biases=False)
+# train.py's defaults as it writes them, on this machine's CPU (its device and dtype are expressions)
+VALID = {**train_defaults(), 'device': 'cpu', 'dtype': 'float32'}
 
 
 def check(**changes):
