@@ -270,6 +270,15 @@ def test_reader_uses_a_complete_interrupted_save(tmp_path):
     assert saved_step(directory) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']
 
 
+def test_an_empty_directory_where_the_checkpoint_goes_does_not_block_recovery(tmp_path):
+    directory = tmp_path / 'ckpt'
+    save_state(tmp_path / 'new', 2)
+    os.rename(tmp_path / 'new', tmp_path / f'.ckpt{SAVING}1') # a crash after the new directory was complete
+    directory.mkdir() # made, empty, by a program about to save there
+    core.commit.recover(directory)
+    assert saved_step(directory) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']
+
+
 # -----------------------------------------------------------------------------
 # an OSError at each write step
 
