@@ -28,10 +28,13 @@ def max_logit_difference(a, b, vocab_size, block_size):
         return (a(idx, idx)[0].float() - b(idx, idx)[0].float()).abs().max().item()
 
 
+TARGET = 'bundle' # the kind a conversion writes; the other rows of KINDS are what it reads
+
+
 def convert(source, out_dir=None, force=False, meta=None):
     ck = read_checkpoint(source, meta_path=meta)
-    if ck.kind == 'bundle':
-        print(f'{source}: already a bundle, nothing to do')
+    if ck.kind == TARGET:
+        print(f'{source}: already a {TARGET}, nothing to do')
         return None
     if out_dir is None and (os.path.isdir(ck.path) or os.path.dirname(os.path.abspath(ck.path)) == os.getcwd()):
         # a legacy file's bundle goes into its own directory (checkpoints/NAME/); a directory, or a file lying in the
@@ -44,10 +47,10 @@ def convert(source, out_dir=None, force=False, meta=None):
         raise CheckpointError(f'--out {out_dir} names the checkpoint being read ({ck.title}): write the bundle into '
                               'another directory (the source is never modified)')
     existing = find_checkpoint(out_dir)
-    if existing and existing[0] == 'bundle' and not force:
+    if existing and existing[0] == TARGET and not force:
         raise CheckpointError(f'{out_dir} already holds a bundle; pass --force to replace it, or --out DIR')
     model, _ = ck.build_model()
-    KINDS['bundle'].write(ck, model, out_dir, force)
+    KINDS[TARGET].write(ck, model, out_dir, force)
     reloaded, _ = read_checkpoint(out_dir).build_model()
     diff = max_logit_difference(model.eval(), reloaded.eval(), ck.config.vocab_size, ck.config.block_size)
     if diff > TOLERANCE:

@@ -14,6 +14,7 @@ from model import ADAPTER_FIELDS
 from core.checkpoint import CheckpointError, describe_adapters
 from core.args import Parser
 from core.cli import add_checkpoint_args, open_checkpoint, run
+from core.tokenizer import TOKENIZERS
 
 
 def size(path):
@@ -25,14 +26,7 @@ def describe_tokenizer(spec):
     if spec is None:
         return ['kind      : unknown (no vocabulary stored; pass --meta PATH to name one)']
     kind = spec.get('token_kind')
-    if kind == 'char':
-        return ['kind      : char', f"vocab     : {len(spec['chars'])} characters"]
-    if kind == 'gpt2':
-        return ['kind      : gpt2', 'vocab     : GPT-2 BPE (fixed ~50k tokens)']
-    if kind == 'hf':
-        vocab = spec.get('tokenizer', {}).get('model', {}).get('vocab', {})
-        return ['kind      : hf (Hugging Face tokenizers)', f'vocab     : {len(vocab)} tokens in the model, plus added tokens']
-    return [f'kind      : {kind}']
+    return TOKENIZERS[kind].describe(spec) if isinstance(kind, str) and kind in TOKENIZERS else [f'kind      : {kind}']
 
 
 def list_files(path):

@@ -105,10 +105,11 @@ def worker(size, out_dir, result_file):
         # shards); any other checkpoint read whole by every process, then the model sharded; then the optimizer state
         ck = read_checkpoint(path)
         resumed = GPT.on_meta(ck.model_config())
-        if ck.kind == 'sharded':
+        shard_first = ck.loads_shard_by_shard(ck.model_config())
+        if shard_first:
             shard_model(resumed, 'cpu', torch.float32).to_empty(device='cpu')
         ck.load_into(resumed)
-        if ck.kind != 'sharded':
+        if not shard_first:
             shard_model(resumed, 'cpu', torch.float32)
         opt = resumed.configure_optimizers(0.1, 1e-3, (0.9, 0.99), 'cpu', verbose=False)
         return apply_optimizer_state(resumed, opt, ck.optimizer_state(resumed))

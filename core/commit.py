@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 import xxhash # xxh3-64: 22 GB/s here, against zlib.crc32's 4 GB/s; every load of a checkpoint hashes its files
 
 from core.errors import ClearError
@@ -358,7 +359,7 @@ def finish_cleanups():
 
 
 # -----------------------------------------------------------------------------
-# tensor and JSON files
+# tensor files (torch and safetensors) and JSON files
 
 def read_json(path):
     try:
@@ -453,6 +454,21 @@ def load_tensors(path, map_location='cpu', mmap=False):
     except Exception as e: # truncated or damaged zip, empty file, a text file
         raise CheckpointError(f'{path} could not be read as a PyTorch tensor file: {what_file_holds(path)} '
                               f'(torch said {type(e).__name__}: {e})') from None
+
+
+def read_safetensors(path):
+    """ a safetensors file (tensors only: nothing to unpickle), or a CheckpointError naming it """
+    try:
+        return load_file(path)
+    except Exception as e: # safetensors' own error for a truncated or damaged header
+        raise CheckpointError(f'{path} could not be read as a safetensors file (truncated or damaged?): {e}') from None
+
+
+def save_safetensors(tensors, path):
+    save_file(tensors, path, metadata={'format': 'pt'})
+    umask = os.umask(0) # safetensors creates its file readable by its owner only; others' files follow the umask
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def what_file_holds(path):

@@ -10,10 +10,8 @@ import json
 import os
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
 from core.commit import (CheckpointError, DamagedError, commit_directory, load_tensors, read_json, read_manifest,
-                         verify_file, write_json)
+                         read_safetensors, save_safetensors, verify_file, write_json)
 from core.kind import STATE_FILE, Checkpoint, Kind, config_from_dict
 from core.nanogpt import read_meta_file
 from core.tokenizer import spec_from_hf_tokenizer
@@ -53,21 +51,6 @@ def pretrained_gpt2_dir(name):
         raise CheckpointError(f'init_from = {name!r}: the Hugging Face cache holds its config.json and {HF_WEIGHTS} in '
                               f'two places ({config}, {weights}); clear the cache entry and download it again')
     return os.path.dirname(config)
-
-
-def read_safetensors(path):
-    """ a safetensors file (tensors only: nothing to unpickle), or a CheckpointError naming it """
-    try:
-        return load_file(path)
-    except Exception as e: # safetensors' own error for a truncated or damaged header
-        raise CheckpointError(f'{path} could not be read as a safetensors file (truncated or damaged?): {e}') from None
-
-
-def save_safetensors(tensors, path):
-    save_file(tensors, path, metadata={'format': 'pt'})
-    umask = os.umask(0) # safetensors creates its file readable by its owner only; others' files follow the umask
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def is_hf_dir(path):

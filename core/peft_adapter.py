@@ -17,10 +17,9 @@ import re
 from pathlib import Path
 
 from model import CheckpointMismatchError, is_lora_factor, merge_lora_factors, standard_key
-from core.commit import CheckpointError, commit_directory, write_json
+from core.commit import CheckpointError, commit_directory, read_safetensors, save_safetensors, write_json
 from core.hf import (GPT2_NAMES, export_about, export_state, export_state_file, hf_dir_tokenizer, is_hf_dir, model_card,
-                     pretrained_gpt2_dir, read_hf_checkpoint, read_safetensors, save_safetensors, tokenizer_files,
-                     write_hf_dir)
+                     pretrained_gpt2_dir, read_hf_checkpoint, tokenizer_files, write_hf_dir)
 from core.kind import ADAPTER_FILE, STATE_FILE, Checkpoint, Kind, describe_adapters
 
 PEFT_CONFIG, PEFT_WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'

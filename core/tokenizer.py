@@ -7,9 +7,9 @@ with exactly the tokenizer it was trained with. Three kinds:
   {"token_kind": "gpt2"}                     GPT-2 BPE through tiktoken
   {"token_kind": "hf", "tokenizer": {...}}   a Hugging Face `tokenizers` tokenizer, its JSON embedded
 
-load_tokenizer(spec) gives an object with encode(text), decode(ids), vocab_size, eot_id, spec.
-hf_tokenizer(spec) gives the same tokenizer as a `tokenizers.Tokenizer` (for a Hugging Face export), and
-spec_from_hf_tokenizer(tokenizer_json) reads one back.
+load_tokenizer(spec) gives an object with encode(text), decode(ids), vocab_size, eot_id, spec, and as_hf(): the same
+tokenizer as a `tokenizers.Tokenizer` (for a Hugging Face export); spec_from_hf_tokenizer(tokenizer_json) reads one
+back. TOKENIZERS is the table of kinds; what differs per kind lives in its class.
 """
 import functools
 import json
@@ -54,8 +54,23 @@ class CharTokenizer:
     def decode(self, ids):
         return "".join(self.itos[i] for i in ids)
 
+    def as_hf(self):
+        tok = Tokenizer(models.WordLevel(dict(self.stoi), unk_token="<unk>"))
+        # every character on its own, newlines and spaces included ('.' would skip newlines)
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Fuse()  # join the characters with nothing between them (the default puts spaces)
+        # a character outside the vocabulary: "<unk>" is not in it, so WordLevel raises ("Missing [UNK] token
+        # from the vocabulary") instead of encoding something else, as our encode raises TokenizerError
+        return tok
+
+    @staticmethod
+    def describe(spec):
+        return ["kind      : char", f"vocab     : {len(spec['chars'])} characters"]
+
 
 class GPT2Tokenizer:
+    VOCAB_SIZE = 50257  # known without loading tiktoken's files
+
     def __init__(self, spec):
         try:
             self.enc = tiktoken.get_encoding("gpt2")
@@ -73,6 +88,20 @@ class GPT2Tokenizer:
 
     def decode(self, ids):
         return self.enc.decode(list(ids))
+
+    def as_hf(self):
+        vocab, merges = _gpt2_bpe_tables(self.enc)
+        eot = "<|endoftext|>"
+        tok = Tokenizer(models.BPE({**vocab, eot: self.enc.eot_token}, list(merges)))
+        # GPT-2's regex split, no space put in front of the text (tiktoken adds none)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([eot])
+        return tok
+
+    @staticmethod
+    def describe(spec):
+        return ["kind      : gpt2", "vocab     : GPT-2 BPE (fixed ~50k tokens)"]
 
 
 class HFTokenizer:
@@ -100,26 +129,38 @@ class HFTokenizer:
     def decode(self, ids):
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
+    def as_hf(self):
+        tokenizer_json = dict(self.spec["tokenizer"])
+        # our models are trained on plain running text, so tokens a post-processor adds to each text
+        # ([CLS] ... [SEP]) would be inputs the model never saw: drop them, as our encode does
+        tokenizer_json["post_processor"] = _without_added_tokens(tokenizer_json.get("post_processor"))
+        return Tokenizer.from_str(json.dumps(tokenizer_json))
 
-def load_tokenizer(spec):
+    @staticmethod
+    def describe(spec):
+        vocab = spec.get("tokenizer", {}).get("model", {}).get("vocab", {})
+        return ["kind      : hf (Hugging Face tokenizers)", f"vocab     : {len(vocab)} tokens in the model, plus added tokens"]
+
+
+TOKENIZERS = {"char": CharTokenizer, "gpt2": GPT2Tokenizer, "hf": HFTokenizer}
+
+def tokenizer_class(spec):
     kind = spec.get("token_kind") if isinstance(spec, dict) else None
-    if kind == "char":
-        return CharTokenizer(spec)
-    if kind == "gpt2":
-        return GPT2Tokenizer(spec)
-    if kind == "hf":
-        return HFTokenizer(spec)
+    if isinstance(kind, str) and kind in TOKENIZERS:
+        return TOKENIZERS[kind]
     found = f"token_kind {kind!r}" if isinstance(spec, dict) else f"a {type(spec).__name__}"
     raise TokenizerError(
-        "a tokenizer spec must be a dict whose 'token_kind' is 'char', 'gpt2' or 'hf', "
+        f"a tokenizer spec must be a dict whose 'token_kind' is {', '.join(map(repr, TOKENIZERS))}, "
         f"but found {found}.")
+
+
+def load_tokenizer(spec):
+    return tokenizer_class(spec)(spec)
 
 
 def spec_vocab_size(spec):
     """ how many ids a tokenizer spec produces, without loading tiktoken's files """
-    if isinstance(spec, dict) and spec.get("token_kind") == "gpt2":
-        return 50257
-    return load_tokenizer(spec).vocab_size
+    return getattr(tokenizer_class(spec), "VOCAB_SIZE", None) or load_tokenizer(spec).vocab_size
 
 
 def char_spec(text):
@@ -150,23 +191,7 @@ ADDING_POST_PROCESSORS = ("TemplateProcessing", "BertProcessing", "RobertaProces
 def hf_tokenizer(spec):
     """A tokenizers.Tokenizer that encodes any text to the ids load_tokenizer(spec).encode(text) gives (even with
     add_special_tokens=True) and decodes them back to the same text."""
-    ours = load_tokenizer(spec)  # checks the spec, with our error messages
-    kind = spec["token_kind"]
-    if kind == "char":
-        tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(ours.itos)}, unk_token="<unk>"))
-        # every character on its own, newlines and spaces included ('.' would skip newlines)
-        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-        tok.decoder = decoders.Fuse()  # join the characters with nothing between them (the default puts spaces)
-        # a character outside the vocabulary: "<unk>" is not in it, so WordLevel raises ("Missing [UNK] token
-        # from the vocabulary") instead of encoding something else, as our encode raises TokenizerError
-        return tok
-    if kind == "gpt2":
-        return _gpt2_hf_tokenizer(ours.enc)
-    tokenizer_json = dict(spec["tokenizer"])
-    # our models are trained on plain running text, so tokens a post-processor adds to each text
-    # ([CLS] ... [SEP]) would be inputs the model never saw: drop them, as our encode does
-    tokenizer_json["post_processor"] = _without_added_tokens(tokenizer_json.get("post_processor"))
-    return Tokenizer.from_str(json.dumps(tokenizer_json))
+    return load_tokenizer(spec).as_hf()  # the spec checked first, with our error messages
 
 
 def spec_from_hf_tokenizer(tokenizer_json):
@@ -217,17 +242,6 @@ def _gpt2_bpe_tables(enc):
             left, right = _last_merge(token, ranks, rank)
             merges.append((text(left), text(right)))
     return vocab, tuple(merges)
-
-
-def _gpt2_hf_tokenizer(enc):
-    vocab, merges = _gpt2_bpe_tables(enc)
-    eot = "<|endoftext|>"
-    tok = Tokenizer(models.BPE({**vocab, eot: enc.eot_token}, list(merges)))
-    # GPT-2's regex split, no space put in front of the text (tiktoken adds none)
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([eot])
-    return tok
 
 
 def _last_merge(token, ranks, rank):
