@@ -21,9 +21,7 @@ outputs, in --out_dir:
 import argparse
 import math
 import os
-import sys
 import time
-import traceback
 from contextlib import nullcontext
 
 import torch
@@ -31,12 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, fbeta_score, recall_score
 
-from load_checkpoint_helper import ModdedCheckpointError, load_pretrained_checkpoint
-from model import CheckpointMismatchError, add_modded_lora, set_modded_lora_factors
+from load_checkpoint_helper import load_pretrained_checkpoint
+from model import add_modded_lora, set_modded_lora_factors
 from core.args import Parser
 from core.bundle import rng_state, set_rng_state
 from core.classifier import CLASSIFIER_KIND, read_bundle_tensors, save_classifier
-from core.cli import DEFAULT_DTYPE, DTYPES, SetupError, check_device, start_wandb
+from core.cli import DEFAULT_DTYPE, DTYPES, SetupError, check_device, run, start_wandb
 from core.commit import CheckpointError, is_plain_name, read_json, recover, write_json
 from core.finetune_data import (LABELS, DataError, dataset_splits, find_tokenizer, load_splits,
                                  read_examples)
@@ -404,7 +402,7 @@ def refuse_distributed_launch():
     """ no DDP here: under torchrun every process would train its own copy and all would write the same out_dir """
     world_size = os.environ.get('WORLD_SIZE', '1')
     if world_size != '1':
-        sys.exit(f"error: finetune_hindi_xnli.py was started as one of several processes (WORLD_SIZE={world_size}, "
+        raise SetupError(f"finetune_hindi_xnli.py was started as one of several processes (WORLD_SIZE={world_size}, "
                  f"RANK={os.environ.get('RANK')}, e.g. by torchrun), but it has no distributed (DDP) support: each "
                  'process would train its own copy of the model and all would write the same --out_dir. Run it as a '
                  'single process, with plain `python finetune_hindi_xnli.py ...`.')
@@ -656,11 +654,4 @@ def check_classes(found, names, where):
 
 
 if __name__ == '__main__':
-    args = get_args()
-    try:
-        main(args)
-    except (ModdedCheckpointError, CheckpointError, CheckpointMismatchError, TokenizerError, DataError, SetupError,
-            OSError) as e:
-        if args.debug:
-            traceback.print_exc()
-        sys.exit(f'error: {e}')
+    run(main, get_args())

@@ -14,7 +14,7 @@ import torch
 
 import generate
 from configurator import ConfigError, apply_config
-from core.cli import DEFAULT_DTYPE, DTYPES, run
+from core.cli import DEFAULT_DTYPE, DTYPES, report_errors
 from core.hf import GPT2_NAMES, pretrained_gpt2_dir
 
 # -----------------------------------------------------------------------------
@@ -49,8 +49,7 @@ def sample(args):
 
 
 if __name__ == '__main__':
-    try:
-        apply_config(config, sys.argv[1:])
-    except ConfigError as e:
-        sys.exit(f'error: {e}')
-    run(sample, argparse.Namespace(**config))
+    report_errors() # a clear error ends it in one paragraph, exit code 1 (core/cli.py)
+    apply_config(config, sys.argv[1:])
+    report_errors(config['debug'])
+    sample(argparse.Namespace(**config))

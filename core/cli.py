@@ -110,5 +110,5 @@ def run(main, args):
     try:
         main(args)
     except CLEAR_ERRORS as e:
-        say_error(e, args.debug)
+        say_error(e, getattr(args, 'debug', False))
         sys.exit(1)

@@ -23,9 +23,10 @@ import numpy as np
 if __name__ == "__main__":  # run as `python data/prepare.py`: make the repo root importable, for core/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.args import Parser
+from core.cli import run
 from core.commit import atomic_write, write_json
 from core.errors import ClearError
-from core.tokenizer import TokenizerError, char_spec, load_tokenizer
+from core.tokenizer import char_spec, load_tokenizer
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 # dataset name -> (where its text comes from, default tokenizer); any other name needs --input
@@ -178,8 +179,6 @@ if __name__ == "__main__":
     parser.add_argument("--tokenizer", choices=["char", "gpt2"],
                         help="default: gpt2 for pydocs and shakespeare, char for every other name")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="last part of the text used for val")
-    args = parser.parse_args()
-    try:
-        prepare(args.dataset, args.input, args.out_dir, args.tokenizer, args.val_fraction)
-    except (DatasetError, TokenizerError, OSError) as e:  # OSError: e.g. no permission to write --out_dir
-        sys.exit(f"error: {e}")  # a clear message on stderr and exit code 1, no traceback
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    run(lambda args: prepare(args.dataset, args.input, args.out_dir, args.tokenizer, args.val_fraction),
+        parser.parse_args())
