@@ -27,7 +27,6 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, fbeta_score, recall_score
 
 from load_checkpoint_helper import load_pretrained_checkpoint
 from model import add_modded_lora, set_modded_lora_factors
@@ -252,6 +251,8 @@ def metrics(gold, pred, names=LABELS):
     f1_score, f2_score and recall as the fork's evaluate.py reports them (macro over the classes that occur);
     per-class accuracy (recall; None for a class with no examples) and F1; the confusion matrix [gold][pred].
     """
+    # imported here: scikit-learn takes as long to import as torch, and a run refused at its start never needs it
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, fbeta_score, recall_score
     labels = list(range(len(names)))
     cm = confusion_matrix(gold, pred, labels=labels).tolist()
     f1 = f1_score(gold, pred, labels=labels, average=None, zero_division=0).tolist()

@@ -6,17 +6,25 @@ import ast
 import contextlib
 import os
 import pickle
+import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
 from model import GPT, GPTConfig
-from tests.launcher import run_python
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared'
 TINY_CONFIG = str(REPO / 'config' / 'test_checkpoint_compatibility.py')
 TINY_LORA_CONFIG = str(REPO / 'config' / 'test_checkpoint_compatibility_lora.py')
+
+
+def run_python(args, cwd, env, timeout=600):
+    """ `python *args` in cwd with env, a fresh process: what subprocess.run(..., capture_output=True) returns """
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def run_script(script, *args, cwd, ok=True):
@@ -29,6 +37,26 @@ def run_script(script, *args, cwd, ok=True):
     if ok and proc.returncode != 0:
         raise AssertionError(f'{script} {" ".join(map(str, args))} exited {proc.returncode}:\n{out[-3000:]}')
     return proc.returncode, out
+
+
+def run_in_process(script, *args, cwd, monkeypatch, capsys):
+    """
+    `python script args` run in this process, for a tool's answer to bad input (its main() through core/cli.run):
+    (exit code, stdout + stderr). Only for tools whose __main__ is a main function; what the interpreter itself does
+    with an error (train.py's excepthook) and variables read at import are tested with run_script.
+    """
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, 'argv', [str(REPO / script), *map(str, args)])
+    monkeypatch.setattr(sys, 'path', list(sys.path)) # data/prepare.py puts the checkout first
+    capsys.readouterr()
+    with torch.random.fork_rng(devices=[]): # a tool seeds torch: this process's tests keep their own draws
+        try:
+            runpy.run_path(str(REPO / script), run_name='__main__')
+            code = 0
+        except SystemExit as e: # as the interpreter reads it: a number is the code, a text is printed and means 1
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else print(e.code, file=sys.stderr) or 1
+    out = capsys.readouterr()
+    return code, out.out + out.err
 
 
 def run_train(cwd, *args, ok=True):

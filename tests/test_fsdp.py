@@ -23,8 +23,7 @@ from core.checkpoint import CheckpointError, find_checkpoint, read_checkpoint
 from core.commit import MANIFEST_FILE, SAVING, verify_file
 from core.fsdp import METADATA
 from core.training import read_resume_check
-from tests.helpers import REPO, TINY_CONFIG, run_script, run_train
-from tests.launcher import run_python
+from tests.helpers import REPO, TINY_CONFIG, run_python, run_script, run_train
 
 pytestmark = pytest.mark.xdist_group('fsdp') # the module's 2-process run is made once, in one worker
 VAL_TOL, LOGITS_TOL = 1e-4, 1e-5

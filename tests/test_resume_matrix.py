@@ -38,8 +38,7 @@ import torch
 from core.checkpoint import read_checkpoint, save_bundle
 from data.prepare import load_meta, prepare
 from model import GPT, GPTConfig
-from tests.helpers import REPO, TINY_CONFIG, make_nanogpt_checkpoint, make_peft_adapter
-from tests.launcher import run_python
+from tests.helpers import REPO, TINY_CONFIG, make_nanogpt_checkpoint, make_peft_adapter, run_python
 
 pytestmark = [
     pytest.mark.xdist_group('resume_matrix'), # with --dist loadgroup the module's sources are built once
@@ -119,15 +118,13 @@ class Run:
 
 def run(cwd, *args, processes=1, script='train.py', config=TINY_CONFIG):
     """ a project script in cwd (train.py with the tiny config first), plain python or torchrun with 2 processes """
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={processes}']
-    command = launcher + [str(REPO / script)] + ([config] if config else []) + [str(a) for a in args]
+    start = [] if processes == 1 else ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={processes}']
+    command = start + [str(REPO / script)] + ([config] if config else []) + [str(a) for a in args]
     # one thread each: these models are tiny, and several processes share 2 cores (torchrun sets the same)
     # unbuffered: two processes write one pipe, and block-buffered output would interleave mid-line
     env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
     t0 = time.time()
-    proc = (run_python(command[1:], cwd, env, timeout=300) if processes == 1 else
-            subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300))
+    proc = run_python(command, cwd, env, timeout=300)
     shown = ('torchrun --standalone --nproc_per_node=2 ' if processes > 1 else 'python ') + ' '.join(
         [script] + (['TINY_CONFIG'] if config else []) + [str(a) for a in args])
     return Run(shown, proc.returncode, proc.stdout + proc.stderr, time.time() - t0)
