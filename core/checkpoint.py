@@ -33,7 +33,8 @@ __all__ = ['KINDS', 'WRITABLE', 'find_checkpoint', 'read_checkpoint', 'Checkpoin
            'named_optimizer_state', 'rng_state', 'set_rng_state', 'describe_adapters']
 
 # The one table of checkpoint kinds. Every tool finds, names, reads and writes checkpoints through it, so a kind
-# cannot exist in one tool and not another. Recognised in this order: the first row whose recognise() answers.
+# cannot exist in one tool and not another. Recognised in this order: the first row whose recognise() answers
+# (LEGACY takes any file, so a new kind goes before it).
 KINDS = {kind.name: kind for kind in (HF, CLASSIFIER, PEFT, SHARDED, BUNDLE, LEGACY, NANOGPT)}
 WRITABLE = tuple(name for name, kind in KINDS.items() if kind.write)
 

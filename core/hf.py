@@ -19,6 +19,7 @@ from core.tokenizer import spec_from_hf_tokenizer
 HF_WEIGHTS = 'model.safetensors' # transformers' file name for the weights
 
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+BIASED = CONV1D + ('ln_1.weight', 'ln_2.weight', 'ln_f.weight') # the layers GPT-2 always gives a bias
 HF_BUFFERS = ('.attn.bias', '.attn.masked_bias') # causal masks older transformers saved; not weights
 GPT2_EOT = 50256
 # the GPT-2 config fields our GPT computes at one value only (transformers' defaults, OpenAI's models): a directory
@@ -66,12 +67,17 @@ def is_hf_dir(path):
 # -----------------------------------------------------------------------------
 # Hugging Face GPT-2
 
-def hf_incompatibility(config):
-    """ why a GPTConfig cannot be a transformers GPT-2, or None """
-    if not config.bias:
-        return ("it has no biases (bias=False), and GPT-2's linear layers and LayerNorms always have them: train with "
-                "--bias=True for a model that can go to Hugging Face (--to nanogpt and --to bundle take it as it is)")
-    return None
+def with_zero_biases(state_dict):
+    """ a bias=False state dict as GPT-2 keys need it: a layer without a bias computes what it computes with a zero one """
+    zeros = {k[:-len('weight')] + 'bias': v.new_zeros(v.shape[0]) for k, v in state_dict.items() if k.endswith(BIASED)}
+    return {**state_dict, **zeros}
+
+
+def without_zero_biases(state_dict):
+    """ (state dict, bias): every bias zero reads back as bias=False, the model nanoGPT trains by default """
+    if any(v.any() for k, v in state_dict.items() if k.endswith('.bias')):
+        return state_dict, True
+    return {k: v for k, v in state_dict.items() if not k.endswith('.bias')}, False
 
 
 def hf_config(config, eot=None, tied=True):
@@ -134,9 +140,8 @@ def export_hf(model, out_dir, tokenizer=None, about=None):
 def write_hf_dir(out_dir, config, state_dict, tokenizer, about, tied=True):
     """ tied=False stores lm_head.weight, a copy of the table, as a model of its own (peft's base for an embedding
     adapter: the adapter's lm_head share then merges into the head alone, not a second time into the table) """
-    reason = hf_incompatibility(config)
-    if reason:
-        raise CheckpointError(f'cannot export to the Hugging Face GPT-2 format: {reason}')
+    if not config.bias:
+        state_dict = with_zero_biases(state_dict)
     weights = {k: (v.t() if k.endswith(CONV1D) else v).contiguous() for k, v in state_dict.items()
                if k != 'lm_head.weight' or not tied}
     weights = {k: v.clone() if k == 'lm_head.weight' else v for k, v in weights.items()} # safetensors refuses aliases
@@ -190,9 +195,10 @@ def read_hf(path):
                                   'GPT ties its head to the embedding (as GPT-2 and nanoGPT do): loaded, it would compute '
                                   'another function')
     sd.setdefault('lm_head.weight', sd['transformer.wte.weight']) # tied
+    sd, bias = without_zero_biases(sd)
     n_inner = cfg.get('n_inner') or 4 * cfg['n_embd']
     fields = dict(vocab_size=cfg['vocab_size'], block_size=cfg['n_positions'], n_embd=cfg['n_embd'],
-                  n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_hidden=n_inner, bias=True, activation=activation,
+                  n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_hidden=n_inner, bias=bias, activation=activation,
                   dropout=float(cfg.get('resid_pdrop', 0.0)))
     return fields, sd
 

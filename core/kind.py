@@ -29,7 +29,7 @@ STANDARD = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name i
 class Kind:
     name: str           # its key in KINDS, and what a Checkpoint's .kind says (its .row is this Kind)
     title: str          # what inspect_model.py calls it
-    recognise: object   # Path -> the checkpoint's path, or None; None: named by content (read_legacy decides)
+    recognise: object   # Path -> the checkpoint's path, or None; None: never found, only named (read_legacy names nanogpt)
     read: object        # (path, meta_path) -> Checkpoint
     write: object       # (checkpoint, standard model, out path, force) -> None: convert --to NAME; None: no writer
     gpt: bool = True    # False: not a GPT language model; inspected, and refused by train, generate and convert

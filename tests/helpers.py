@@ -11,12 +11,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared'
+# GPT-2 BPE offline: tiktoken's gpt2 files from TIKTOKEN_CACHE_DIR, else the shared cache beside the checkout
+TIKTOKEN_CACHE = Path(os.environ.get('TIKTOKEN_CACHE_DIR') or SHARED / 'data' / 'tiktoken_cache')
+GPT2_BPE = TIKTOKEN_CACHE.is_dir() and any(TIKTOKEN_CACHE.iterdir())
+needs_gpt2_bpe = pytest.mark.skipif(not GPT2_BPE, reason="GPT-2 BPE: tiktoken's gpt2 files are not here, and offline "
+                                    'they cannot be fetched (set TIKTOKEN_CACHE_DIR)')
 TINY_CONFIG = str(REPO / 'config' / 'test_checkpoint_compatibility.py')
 TINY_LORA_CONFIG = str(REPO / 'config' / 'test_checkpoint_compatibility_lora.py')
 
@@ -30,8 +36,8 @@ def run_python(args, cwd, env, timeout=600):
 def run_script(script, *args, cwd, ok=True):
     """ run one of the project's scripts in `cwd`; returns (exit code, stdout + stderr) """
     env = {**os.environ, 'PYTHONPATH': str(REPO)}
-    if (SHARED / 'data' / 'tiktoken_cache').is_dir():
-        env.setdefault('TIKTOKEN_CACHE_DIR', str(SHARED / 'data' / 'tiktoken_cache'))
+    if GPT2_BPE:
+        env['TIKTOKEN_CACHE_DIR'] = str(TIKTOKEN_CACHE)
     proc = run_python([REPO / script, *args], cwd=cwd, env=env)
     out = proc.stdout + proc.stderr
     if ok and proc.returncode != 0:
@@ -48,6 +54,7 @@ def run_in_process(script, *args, cwd, monkeypatch, capsys):
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, 'argv', [str(REPO / script), *map(str, args)])
     monkeypatch.setattr(sys, 'path', list(sys.path)) # data/prepare.py puts the checkout first
+    monkeypatch.setattr(sys, 'excepthook', sys.excepthook) # sample.py and train.py set their own
     capsys.readouterr()
     with torch.random.fork_rng(devices=[]): # a tool seeds torch: this process's tests keep their own draws
         try:

@@ -291,7 +291,6 @@ CASES = {
         ('unknown format', lambda d: [bundle(d), '--to', 'onnx', 'out'], '--to onnx: unknown format; it writes hf, '),
         ('--to with two sources', lambda d: [bundle(d), bundle(d, 'c'), '--to', 'hf', 'out'], '--to converts exactly one source, found 2'),
         ('--to without an output', lambda d: [bundle(d), '--to', 'hf'], 'argument --to: expected 2 arguments'),
-        ('hf export of a model without biases', lambda d: [bundle(d), '--to', 'hf', 'hf'], 'no biases (bias=False)'),
         ('output that exists', lambda d: [bundle(d), '--to', 'nanogpt', file(d, 'notes.txt')], 'notes.txt already exists'),
         ('--out with two sources', lambda d: [modded(d, 'a.pt'), modded(d, 'b.pt'), '--out', 'x'], '--out takes one source'),
         ('a classifier', lambda d: [edited(d, 'best', 'config.json', kind='nli_classifier'), '--to', 'hf', 'hf'],

@@ -5,21 +5,18 @@ import os
 import subprocess
 import sys
 import urllib.error
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import data.prepare as prepare_module
-from core.tokenizer import TokenizerError, char_spec, hf_spec_from_file, load_tokenizer
+from core.tokenizer import TokenizerError, char_spec, gpt2_byte_alphabet, hf_spec_from_file, load_tokenizer, spec_vocab_size
 from data.prepare import DatasetError, load_meta, prepare, pydocs_text
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-SHAKESPEARE = SHARED / "tinyshakespeare" / "input.txt"
-TIKTOKEN_CACHE = SHARED / "tiktoken_cache"
+from tests.helpers import REPO, SHARED, TIKTOKEN_CACHE, needs_gpt2_bpe
+
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
 needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.exists(), reason="shared tiny Shakespeare not present")
-needs_tiktoken_cache = pytest.mark.skipif(not TIKTOKEN_CACHE.exists(), reason="shared tiktoken cache not present")
 
 
 @pytest.fixture
@@ -85,7 +82,7 @@ def test_shakespeare_char_from_input_file(tmp_path):
 
 
 @needs_shakespeare
-@needs_tiktoken_cache
+@needs_gpt2_bpe
 def test_shakespeare_gpt2_bpe(tmp_path, gpt2_offline):
     meta = prepare("shakespeare", input_path=SHAKESPEARE, out_dir=tmp_path)  # gpt2 is the default for this name
     assert meta["tokenizer"] == {"token_kind": "gpt2"}
@@ -94,6 +91,22 @@ def test_shakespeare_gpt2_bpe(tmp_path, gpt2_offline):
     train, val = read_split(tmp_path)
     enc = load_tokenizer(meta["tokenizer"])
     assert enc.decode(train) + enc.decode(val) == SHAKESPEARE.read_text(encoding="utf-8")
+
+
+@needs_gpt2_bpe
+def test_pydocs_is_gpt2_bpe_and_the_tokenizer_flag_wins(tmp_path, gpt2_offline):
+    meta = prepare("pydocs", out_dir=tmp_path / "bpe") # the DATASETS row: pydocs' text, GPT-2 BPE
+    assert meta["tokenizer"] == {"token_kind": "gpt2"} and meta["source"].startswith("pydoc_data.topics")
+    train, val = read_split(tmp_path / "bpe")
+    enc = load_tokenizer(meta["tokenizer"])
+    assert enc.decode(train) + enc.decode(val) == pydocs_text()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("hello world, hello tokens\n" * 10, encoding="utf-8")
+    result = subprocess.run([sys.executable, "data/prepare.py", "--dataset", "hello", "--input", str(corpus),
+                             "--out_dir", str(tmp_path / "out"), "--tokenizer", "gpt2"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "TIKTOKEN_CACHE_DIR": str(TIKTOKEN_CACHE)})
+    assert result.returncode == 0, result.stderr
+    assert load_meta(tmp_path / "out")["tokenizer"] == {"token_kind": "gpt2"}
 
 
 def test_shakespeare_char_reuses_existing_input_txt(tmp_path, monkeypatch):
@@ -178,7 +191,7 @@ def test_cli_prepares_custom_input(tmp_path):
 
 # ----------------------------------------------------------------------------- tokenizers
 
-@needs_tiktoken_cache
+@needs_gpt2_bpe
 def test_gpt2_tokenizer(gpt2_offline):
     enc = load_tokenizer({"token_kind": "gpt2"})
     assert (enc.vocab_size, enc.eot_id) == (50257, 50256)
@@ -220,6 +233,22 @@ def test_hf_tokenizer_from_file(tmp_path, special_tokens, eot_token):
     text = "नमस्ते world, भारत is big."
     ids = enc.encode(text)
     assert ids == tok.encode(text).ids and enc.decode(ids) == text
+
+
+def test_hf_decode_keeps_special_tokens_and_encode_adds_none(tmp_path):
+    train_tiny_hf_bpe(tmp_path / "tokenizer.json", ["<pad>", "</s>"])
+    enc = load_tokenizer(hf_spec_from_file(tmp_path / "tokenizer.json"))
+    ids = enc.encode("India is big.")
+    assert enc.eot_id == 1 and 1 not in ids and 0 not in ids
+    assert enc.decode(ids + [1] + ids) == "India is big.</s>India is big." # a sample's end-of-text stays visible
+
+
+def test_vocabulary_sizes_known_without_loading_and_the_byte_alphabet():
+    assert spec_vocab_size({"token_kind": "gpt2"}) == 50257
+    assert spec_vocab_size(char_spec("hello")) == 4
+    alphabet = gpt2_byte_alphabet() # GPT-2's: printable bytes stand for themselves, the rest move past 255
+    assert (alphabet[ord("!")], alphabet[ord("A")], alphabet[32], alphabet[10], alphabet[0]) == ("!", "A", "Ġ", "Ċ", "Ā")
+    assert len(set(alphabet.values())) == 256 and alphabet[0xAD] == "Ń" and alphabet[0xFF] == "ÿ"
 
 
 def test_char_tokenizer_round_trip_and_json():

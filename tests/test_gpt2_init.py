@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from core.checkpoint import read_checkpoint
-from tests.helpers import REPO, SHARED, run_script
+from tests.helpers import REPO, SHARED, needs_gpt2_bpe, run_script
 from tests.numerics import assert_same_function, in_float64
 
 COMMIT = '0123456789abcdef0123456789abcdef01234567'
@@ -64,7 +64,7 @@ def test_init_from_gpt2_offline_without_the_weights_says_what_to_do(tmp_path, mo
     assert "save_pretrained(DIR), as init_from=DIR" in out and not (tmp_path / 'out').exists()
 
 
-@pytest.mark.skipif(not (SHARED / 'data' / 'tiktoken_cache').is_dir(), reason='GPT-2 BPE ranks need the shared cache')
+@needs_gpt2_bpe
 def test_the_shipped_finetune_shakespeare_configs(tmp_path, monkeypatch):
     # nanoGPT's config/finetune_shakespeare.py (gpt2-xl, here a tiny stand-in in the cache) and its LoRA variant, as
     # shipped but for a short run; the data is tiny Shakespeare in GPT-2 BPE, prepared from a local copy

@@ -5,19 +5,16 @@ spec_from_hf_tokenizer, which reads an exported tokenizer.json back as the spec 
 """
 
 import json
-import os
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from core.tokenizer import TokenizerError, char_spec, hf_tokenizer, load_tokenizer, spec_from_hf_tokenizer
-from tests.helpers import SHARED
+from tests.helpers import GPT2_BPE, TIKTOKEN_CACHE, needs_gpt2_bpe
 
 # English, punctuation, digits, runs of spaces, newlines, tabs, accents, emoji and Hindi
 TEXT = ("Hello, world!  It's 2024: 3.14159 apples; you'll see.\n\n\tTabs\t and   spaces   \n"
         "Café naïve résumé — “quotes” (ok?) 😀🎉👍🏽 नमस्ते दुनिया, हिन्दी।\n  trailing   ")
-# tiktoken's files: from TIKTOKEN_CACHE_DIR, else the shared cache tests/helpers.py's run_script hands the scripts
-TIKTOKEN_CACHE = os.environ.get('TIKTOKEN_CACHE_DIR') or str(SHARED / 'data' / 'tiktoken_cache')
 
 
 def same_as_ours(spec, tok, text):
@@ -39,10 +36,10 @@ def exported(tok):
 
 @pytest.fixture(scope='module')
 def gpt2():
-    if not os.path.isdir(TIKTOKEN_CACHE) or not os.listdir(TIKTOKEN_CACHE):
-        pytest.skip('tiktoken\'s gpt2 files are not available offline (set TIKTOKEN_CACHE_DIR)')
+    if not GPT2_BPE:
+        pytest.skip(needs_gpt2_bpe.kwargs['reason'])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)
+        mp.setenv('TIKTOKEN_CACHE_DIR', str(TIKTOKEN_CACHE))
         yield hf_tokenizer({'token_kind': 'gpt2'})  # built once: ~1 s
 
 

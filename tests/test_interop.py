@@ -6,6 +6,8 @@ conversion meets (tests/numerics.py); against our own GPT (the same code) they a
 """
 
 import dataclasses
+import json
+import pickle
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from model import GPT, GPTConfig
 from core.checkpoint import read_checkpoint, save_bundle
 from core.nanogpt import NANOGPT_ARGS
-from tests.helpers import run_script, run_train
+from tests.helpers import needs_gpt2_bpe, run_script, run_train
 from tests.numerics import assert_same_function, in_float64
 
 
@@ -71,6 +73,7 @@ def test_import_hugging_face_directory_gives_transformers_logits(tmp_path, seria
         assert_same_function(ours(ids, ids)[0], hf(ids).logits)
 
 
+@needs_gpt2_bpe
 def test_train_initialises_from_a_hugging_face_directory(tmp_path):
     torch.manual_seed(1)
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=32, n_embd=32, n_layer=2, n_head=2)).eval()
@@ -106,14 +109,64 @@ def test_export_to_nanogpt_resumes_like_nanogpt(tmp_path):
                        optimizer.state[model.transformer.h[1].mlp.c_fc.weight]['exp_avg'])
     with torch.no_grad():
         assert torch.equal(resumed.eval()(ids, ids)[0], model(ids, ids)[0]) # the same weights in the same GPT
+    # nanoGPT's train.py takes the groups' settings from the file: decay on the matrices only, its lr and betas
+    groups = ckpt['optimizer']['param_groups']
+    assert [g['weight_decay'] for g in groups] == [0.1, 0.0] and [len(g['params']) for g in groups] == [
+        len(g['params']) for g in resumed.configure_optimizers(0.1, 6e-4, (0.9, 0.95), 'cpu').param_groups]
+    assert all(g['lr'] == 6e-4 and g['betas'] == (0.9, 0.95) for g in groups)
+    # and its sample.py decodes with the meta.pkl beside it: itos / stoi of our char vocabulary
+    with open(tmp_path / 'meta.pkl', 'rb') as f:
+        meta = pickle.load(f)
+    chars = model.tokenizer_spec['chars']
+    assert meta == {'vocab_size': 96, 'itos': dict(enumerate(chars)), 'stoi': {c: i for i, c in enumerate(chars)}}
+
+
+def test_a_model_without_biases_goes_to_hugging_face_with_zero_biases_and_comes_back_without(tmp_path):
+    model, optimizer, ids = trained(bias=False) # nanoGPT's default
+    save_bundle(tmp_path / 'b', model, 3, optimizer)
+    run_script('convert_checkpoints.py', tmp_path / 'b', '--to', 'hf', tmp_path / 'hf', cwd=tmp_path)
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / 'hf').eval()
+    assert hf.transformer.h[1].mlp.c_fc.bias.shape == (4 * 32,) and not hf.transformer.ln_f.bias.any()
+    with torch.no_grad():
+        ours, theirs = model(ids, ids)[0], hf(ids).logits
+        assert (ours - theirs).abs().max().item() <= 1e-5
+        assert_same_function(theirs, ours)
+    back = read_checkpoint(tmp_path / 'hf')
+    assert back.config.bias is False and back.config.n_head == 2
+    assert set(back.weights()) == set(model.state_dict()) # no bias keys: loads strictly into the bias=False GPT
+    with torch.no_grad():
+        assert torch.equal(back.build_model()[0].eval()(ids, ids)[0], ours)
+
+
+def test_a_hugging_face_model_with_a_nonzero_bias_reads_back_with_biases(tmp_path):
+    model, optimizer, ids = trained(bias=True)
+    with torch.no_grad():
+        model.transformer.h[0].ln_2.bias[3] = 0.5 # one bias is enough to need them all
+    save_bundle(tmp_path / 'b', model, 3, optimizer)
+    run_script('convert_checkpoints.py', tmp_path / 'b', '--to', 'hf', tmp_path / 'hf', cwd=tmp_path)
+    back = read_checkpoint(tmp_path / 'hf')
+    assert back.config.bias is True and back.weights()['transformer.h.0.ln_2.bias'][3] == 0.5
+
+
+def test_the_exported_config_json_holds_every_field_transformers_reads(tmp_path):
+    model, optimizer, _ = trained(n_hidden=48, dropout=0.1, activation='gelu')
+    save_bundle(tmp_path / 'b', model, 3, optimizer)
+    run_script('convert_checkpoints.py', tmp_path / 'b', '--to', 'hf', tmp_path / 'hf', cwd=tmp_path)
+    config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+    assert {k: config[k] for k in ('model_type', 'vocab_size', 'n_positions', 'n_ctx', 'n_embd', 'n_layer', 'n_head',
+                                   'n_inner', 'activation_function', 'resid_pdrop', 'embd_pdrop', 'attn_pdrop',
+                                   'layer_norm_epsilon', 'tie_word_embeddings')} == dict(
+        model_type='gpt2', vocab_size=96, n_positions=32, n_ctx=32, n_embd=32, n_layer=2, n_head=2, n_inner=48,
+        activation_function='gelu', resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, layer_norm_epsilon=1e-5,
+        tie_word_embeddings=True)
+    generation = json.loads((tmp_path / 'hf' / 'generation_config.json').read_text())
+    assert (generation['do_sample'], generation['temperature'], generation['top_k']) == (True, 0.8, 200) # nanoGPT's
+    back = read_checkpoint(tmp_path / 'hf').config
+    assert (back.n_hidden, back.activation, back.dropout, back.block_size) == (48, 'gelu', 0.1, 32)
 
 
 def test_export_refuses_what_the_format_cannot_hold(tmp_path):
-    model, optimizer, _ = trained(bias=False)
-    save_bundle(tmp_path / 'b', model, 3, optimizer)
-    code, out = run_script('convert_checkpoints.py', tmp_path / 'b', '--to', 'hf', tmp_path / 'hf', cwd=tmp_path, ok=False)
-    assert code == 1 and 'no biases' in out and 'Traceback' not in out
     model, optimizer, _ = trained(n_hidden=48)
     save_bundle(tmp_path / 'c', model, 3, optimizer)
     code, out = run_script('convert_checkpoints.py', tmp_path / 'c', '--to', 'nanogpt', tmp_path / 'x.pt', cwd=tmp_path, ok=False)
-    assert code == 1 and 'n_hidden' in out
+    assert code == 1 and 'n_hidden' in out and 'Traceback' not in out

@@ -20,7 +20,7 @@ from core.tokenizer import char_spec, load_tokenizer
 from core.training import read_resume_check
 from data.prepare import pydocs_text
 from model import GPT, GPTConfig
-from tests.helpers import REPO, SHARED, TINY_CONFIG, Logits, make_peft_adapter, run_script
+from tests.helpers import GPT2_BPE, REPO, TIKTOKEN_CACHE, TINY_CONFIG, Logits, make_peft_adapter, needs_gpt2_bpe, run_script
 
 TOL = 1e-4
 LORA = dict(attn_lora_rank=4, mlp_lora_rank=2, embedding_mode='lora', embedding_rank=3, lora_alpha=8.0)
@@ -38,11 +38,11 @@ def chars():
     return char_spec(pydocs_text())['chars']
 
 
-def lora_bundle(path, spec, **adapters):
+def lora_bundle(path, spec, bias=True, **adapters):
     """ a bundle of a LoRA run whose factors are not at their init (B != 0), as train.py saves it """
     torch.manual_seed(0)
     vocab = load_tokenizer(spec).vocab_size
-    model = GPT(GPTConfig(vocab_size=vocab, block_size=32, n_layer=2, n_head=2, n_embd=16, bias=True, **adapters))
+    model = GPT(GPTConfig(vocab_size=vocab, block_size=32, n_layer=2, n_head=2, n_embd=16, bias=bias, **adapters))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if '.lora_' in name:
@@ -86,6 +86,22 @@ def test_export_to_peft_gives_our_lora_logits_and_merges_to_our_merged_bundle(tm
     assert {k: again.training_state['adapter'][k] for k in LORA} == LORA
     diff = (logits(again.build_model(**LORA)[0], ids) - logits(ours, ids)).abs().max().item()
     assert diff <= TOL, diff
+
+
+def test_a_lora_run_without_biases_goes_to_peft_with_zero_biases_in_its_base(tmp_path):
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+    ours = lora_bundle(tmp_path / 'lora', {'token_kind': 'char', 'chars': chars()}, bias=False, attn_lora_rank=4)
+    run_script('convert_checkpoints.py', 'lora', '--to', 'peft', 'adapter', cwd=tmp_path)
+    base = GPT2LMHeadModel.from_pretrained(tmp_path / 'adapter' / 'base')
+    assert not base.transformer.h[0].attn.c_attn.bias.any()
+    theirs = PeftModel.from_pretrained(base, tmp_path / 'adapter')
+    ids = torch.randint(0, len(chars()), (2, 32), generator=torch.Generator().manual_seed(0))
+    diff = (logits(Logits(theirs), ids) - logits(ours, ids)).abs().max().item()
+    assert diff <= TOL, f'peft gives other logits than our LoRA model: {diff:.1e}'
+    back = read_checkpoint(tmp_path / 'adapter')
+    assert back.config.bias is False
+    assert (logits(back.build_model(attn_lora_rank=4)[0], ids) - logits(ours, ids)).abs().max().item() <= TOL
 
 
 @pytest.mark.parametrize('targets, restored, fresh', [(('c_attn', 'c_proj', 'c_fc'), 8, 0), (('c_attn',), 2, 2)])
@@ -178,10 +194,6 @@ def test_a_bundle_without_adapters_is_not_exported_to_peft(tmp_path):
     assert not (tmp_path / 'adapter').exists()
 
 
-def gpt2_available():
-    return (SHARED / 'data' / 'tiktoken_cache').is_dir() and any((SHARED / 'data' / 'tiktoken_cache').iterdir())
-
-
 def hf_spec():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     tokenizer = Tokenizer(models.BPE(unk_token='[UNK]'))
@@ -194,9 +206,9 @@ def hf_spec():
 @pytest.mark.parametrize('kind', ['char', 'gpt2', 'hf'])
 def test_the_hf_export_tokenizes_as_we_do_and_pipeline_generates(tmp_path, monkeypatch, kind):
     if kind == 'gpt2':
-        if not gpt2_available():
-            pytest.skip("tiktoken's gpt2 files are not available offline here (../shared/data/tiktoken_cache)")
-        monkeypatch.setenv('TIKTOKEN_CACHE_DIR', str(SHARED / 'data' / 'tiktoken_cache'))
+        if not GPT2_BPE:
+            pytest.skip(needs_gpt2_bpe.kwargs['reason'])
+        monkeypatch.setenv('TIKTOKEN_CACHE_DIR', str(TIKTOKEN_CACHE))
     from transformers import AutoTokenizer, pipeline
     spec = {'char': {'token_kind': 'char', 'chars': sorted(set(TEXT))}, 'gpt2': {'token_kind': 'gpt2'}, 'hf': hf_spec()}[kind]
     lora_bundle(tmp_path / 'bundle', spec)
