@@ -27,8 +27,9 @@ import types
 
 from core.errors import ClearError
 
-# under torchrun every process reads the config: only the first one says so
-say = print if os.environ.get('RANK', '0') == '0' else (lambda *args: None)
+def say(*args):
+    if os.environ.get('RANK', '0') == '0': # under torchrun every process reads the config: only the first one says so
+        print(*args)
 
 # only globals holding plain values are config; modules, functions, classes never are
 SIMPLE_TYPES = (bool, int, float, str, type(None), tuple, list)

@@ -239,10 +239,36 @@ def lr_factor(step, total_steps, warmup_steps):
     return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
 
+def step_counts(args, num_train):
+    """ (optimizer steps per epoch, total steps): an epoch is every example once, batch_size x accumulation a step """
+    steps_per_epoch = math.ceil(num_train / (args.batch_size * args.gradient_accumulation_steps))
+    return steps_per_epoch, min(args.num_epochs * steps_per_epoch, args.max_steps or math.inf)
+
+
+def lr_schedule(args, total_steps):
+    """ step -> the factor of every group's base lr: --warmup_ratio of the steps warm up, then cosine decay """
+    if args.no_decay_lr:
+        return lambda step: 1.0
+    warmup_steps = int(args.warmup_ratio * total_steps)
+    return lambda step: lr_factor(step, total_steps, warmup_steps)
+
+
 def scale_lrs(optimizer, factor):
     # every group scales its OWN base lr by the same factor, so the pretrained : head ratio holds at every step
     for g in optimizer.param_groups:
         g['lr'] = g['base_lr'] * factor
+
+
+def class_weights(labels, num_classes):
+    """ --class_weights: inverse class frequency, n / (classes x count), scikit-learn's 'balanced' (an absent class
+    counts 1) """
+    counts = torch.bincount(torch.tensor(labels), minlength=num_classes).float()
+    return counts.sum() / (num_classes * counts.clamp(min=1))
+
+
+def is_better(val, best):
+    """ the best model: the highest validation accuracy, and at equal accuracy the lower validation loss """
+    return best is None or (val['accuracy'], -val['loss']) > (best['accuracy'], -best['loss'])
 
 
 def metrics(gold, pred, names=LABELS):
@@ -455,14 +481,10 @@ def main(args):
           f"{sources['valid']}, test {len(test) if test else 0} from {sources['test'] or '(no test set)'}; "
           f"classes {', '.join(names)}; separator ids {sep}")
 
-    counts = torch.bincount(torch.tensor([y for _, y in train]), minlength=len(names)).float()
-    weight = (counts.sum() / (len(names) * counts.clamp(min=1))).to(device) if args.class_weights else None
+    weight = class_weights([y for _, y in train], len(names)).to(device) if args.class_weights else None
     optimizer = make_optimizer(model, args)
-    accum = args.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(train) / (args.batch_size * accum))
-    total_steps = min(args.num_epochs * steps_per_epoch, args.max_steps or math.inf)
-    warmup_steps = int(args.warmup_ratio * total_steps)
-    schedule = (lambda step: 1.0) if args.no_decay_lr else (lambda step: lr_factor(step, total_steps, warmup_steps))
+    steps_per_epoch, total_steps = step_counts(args, len(train))
+    schedule = lr_schedule(args, total_steps)
     eval_interval = args.eval_interval or steps_per_epoch
     step, best, history = 0, None, []
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -502,7 +524,7 @@ def main(args):
 
     model.train()
     order_epoch, window, since_eval, t0 = None, [], [], time.time()
-    per_step = args.batch_size * accum
+    per_step = args.batch_size * args.gradient_accumulation_steps
     while step < total_steps:
         epoch, b = divmod(step, steps_per_epoch)
         if epoch != order_epoch:  # the order depends on (seed, epoch) only: a resumed run sees the same batches
@@ -541,7 +563,7 @@ def main(args):
             history.append({'step': step, 'train_loss': sum(since_eval) / len(since_eval),
                             **{k: val[k] for k in ('loss', 'accuracy', 'macro_f1')}})
             since_eval = []
-            is_best = best is None or (val['accuracy'], -val['loss']) > (best['accuracy'], -best['loss'])
+            is_best = is_better(val, best)
             print(f'eval step {step} (epoch {step / steps_per_epoch:.2f}): val {describe_metrics(val)}'
                   + ('  [best]' if is_best else ''))
             if is_best:

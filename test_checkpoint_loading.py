@@ -193,12 +193,22 @@ def test_format_detection(tmp_path_factory):
 
 
 def test_large_lite_and_known_heads_table(tmp_path):
-    # the large-lite variant: medium keys, head_dim = D / H = 64; its head count comes from the table
-    path = make_random_checkpoint(tmp_path / 'l.pt', 'medium', vocab_size=128, num_layers=24, num_heads=18,
-                                  model_dim=1152, head_dim=64)
-    info, _ = inspect_checkpoint(path, verbose=False)
-    assert (info['format'], info['num_heads'], info['head_dim']) == ('large-lite', 18, 64)
-    assert 'known table' in info['heads_source']
+    # every model of the table, by its tensor shapes alone (the layout description's numbers); large-lite has the
+    # medium keys with head_dim = D / H = 64
+    for layers, dim, layout, heads, head_dim, fmt in ((12, 768, 'small', 6, 128, 'small'),
+                                                     (16, 1024, 'medium', 8, 128, 'medium'),
+                                                     (24, 1152, 'medium', 18, 64, 'large-lite'),
+                                                     (36, 1280, 'medium', 20, 64, 'large-lite')):
+        qkv = ('qkv_w', 3) if layout == 'small' else ('qkvo_w', 4)
+        sd = {'embed.weight': torch.zeros(2, dim), 'scalars': torch.ones(5 * layers),
+              f'blocks.0.attn.{qkv[0]}': torch.zeros(qkv[1], dim, dim, dtype=torch.bfloat16),
+              f'blocks.{layers - 1}.mlp.fc_w': torch.zeros(1)} # only the shapes that inspection reads
+        torch.save({'step': 1, 'model': sd}, tmp_path / 'shapes.pt')
+        info, _ = inspect_checkpoint(tmp_path / 'shapes.pt', verbose=False)
+        assert (info['num_layers'], info['format'], info['num_heads'], info['head_dim']) == (layers, fmt, heads, head_dim)
+        assert 'known table' in info['heads_source']
+    info, _ = inspect_checkpoint(tmp_path / 'shapes.pt', num_heads=10, verbose=False) # given wins over the table
+    assert (info['num_heads'], info['head_dim'], info['heads_source']) == (10, 128, 'given')
 
 
 def test_strict_load_follows_the_documented_forward(tmp_path_factory):
@@ -235,8 +245,10 @@ def test_conversion_equals_small_model(tmp_path_factory):
             sd[f'blocks.{i}.attn.qkvo_w'][3] = sd[f'blocks.{i}.attn.qkvo_w'][3].T.clone()
         transposed.load_state_dict(sd)
         assert (transposed.forward_features(idx) - flex.forward_features(idx)).abs().max() > 1e-2
-        logits = flex(idx)
-        assert logits.shape == (3, 16, 256) and 0 < logits.min() and logits.max() < 30 # the sigmoid cap
+        # the small script's logit cap: 30 sigmoid(z / (7.5 sqrt(D))), z the head's output on the normed features
+        logits, z = flex(idx), flex.forward_features(idx) @ flex.lm_head.weight.T
+        assert logits.shape == (3, 16, 256) and (logits - 15).abs().max() > 0.1 # off the midpoint: a scale would show
+        assert (logits - 30 * torch.sigmoid(z / (7.5 * 64 ** 0.5))).abs().max() < 1e-4
 
 
 def test_a_wrong_conversion_fails_the_check(tmp_path_factory, monkeypatch):
@@ -252,6 +264,22 @@ def test_a_wrong_conversion_fails_the_check(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], 'load_pretrained_checkpoint', wrong)
     with pytest.raises(ModdedCheckpointError, match='the converted model differs from the small model by'):
         verify(files['small'], num_heads=2)
+
+
+def test_the_check_fails_a_model_that_padding_changes_or_that_gives_no_numbers(tmp_path_factory, monkeypatch):
+    import pytest
+    files = modded_files(tmp_path_factory)
+    right = load_pretrained_checkpoint
+    for broken, words in ((lambda x: x + x.mean(1, keepdim=True), 'padding changed the features at real positions'),
+                          (lambda x: x * float('nan'), 'finite: False'), (lambda x: x[:, :-1], 'features of shape')):
+        def wrong(*args, **kwargs):
+            model, *rest = right(*args, **kwargs)
+            features = model.forward_features
+            model.forward_features = lambda idx: broken(features(idx))
+            return (model, *rest)
+        monkeypatch.setattr(sys.modules[__name__], 'load_pretrained_checkpoint', wrong)
+        with pytest.raises(ModdedCheckpointError, match=words):
+            verify(files['medium'], num_heads=1)
 
 
 def test_padding_never_changes_real_positions(tmp_path_factory):

@@ -180,3 +180,18 @@ def test_globals_like_dict_protects_modules_and_functions(tmp_path):
 def test_malformed_arguments(argv, match):
     with pytest.raises(ConfigError, match=match):
         apply_config(defaults(), argv)
+
+
+def test_given_collects_every_key_set_even_to_its_default(tmp_path):
+    a = write(tmp_path, 'a.py', "batch_size = 12\nmax_iters += 1\n_scratch = 3\n") # 12: the default, still given
+    given = set()
+    cfg = apply_config(defaults(), [a, '--compile', '--dtype=float32'], given)
+    assert given == {'batch_size', 'max_iters', 'compile', 'dtype'} and cfg['max_iters'] == 5001
+    assert apply_config(defaults(), ['--compile'])['compile'] is True # and without a set to fill
+
+
+def test_only_the_first_process_under_torchrun_says_what_it_overrides(monkeypatch, capsys):
+    for rank, says in (('1', False), ('0', True)):
+        monkeypatch.setenv('RANK', rank)
+        apply_config(defaults(), ['--max_iters=3'])
+        assert ('Overriding: max_iters = 3' in capsys.readouterr().out) == says, rank

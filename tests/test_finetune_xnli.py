@@ -15,6 +15,7 @@ import torch
 
 import core.classifier
 import finetune_hindi_xnli as ft
+from core.finetune_data import label_names, parse_label
 from core.tokenizer import hf_spec_from_file, load_tokenizer
 from load_checkpoint_helper import make_random_checkpoint
 from model import GPTBatched
@@ -101,6 +102,19 @@ def test_jsonl_json_and_csv_readers_with_custom_columns(tmp_path):
     default = tmp_path / 'valid.jsonl'
     default.write_text(json.dumps({'premise': 'a', 'hypothesis': 'b', 'label': 2}) + '\n')
     assert ft.read_examples(str(default)).rows == [('a', 'b', 2)]
+
+
+def test_every_accepted_label_form_maps_to_its_class():
+    forms = [('entailment', 0), ('Neutral ', 1), ('CONTRADICTION', 2), (2, 2), ('1', 1), (' 0 ', 0), (1.0, 1),
+             (True, 1), ('false', 0), (False, 0), ('-1', -1), ('maybe', None), (2.5, None)]
+    assert [(value, parse_label(value, LABELS)) for value, _ in forms] == forms
+    assert parse_label('b', ['a', 'b', 'c']) == 1 # a ClassLabel's own names
+    # the names of the classes: XNLI's for label words or three classes, else the ids, at least two
+    assert label_names(None, None, ['neutral', 'entailment']) == list(LABELS)
+    assert label_names(None, None, [0, 4, '2']) == ['0', '1', '2', '3', '4']
+    assert label_names(None, None, [0, 0]) == ['0', '1'] and label_names(None, None, [True, False]) == ['0', '1']
+    assert label_names(None, 3, [0, 1]) == list(LABELS) and label_names(None, 4, [0]) == ['0', '1', '2', '3']
+    assert label_names(['neg', 'pos'], None, [0, 1]) == ['neg', 'pos']
 
 
 def test_unknown_label_names_the_row_and_value(tmp_path):
@@ -247,9 +261,55 @@ def test_metrics_on_a_hand_made_example():
     assert m['per_class_f1'] == pytest.approx({'entailment': 0.75, 'neutral': 4 / 7, 'contradiction': 0.8})
     assert m['macro_f1'] == pytest.approx((0.75 + 4 / 7 + 0.8) / 3)
 
+    # the fork's macro averages: recall 0.694, F1 0.707, F2 0.696; micro F1 would be the accuracy 0.7, weighted F1 0.711
+    assert m['recall'] == pytest.approx((0.75 + 2 / 3 + 2 / 3) / 3)
+    assert m['f1_score'] == pytest.approx((0.75 + 4 / 7 + 0.8) / 3)
+    f2 = lambda p, r: 5 * p * r / (4 * p + r)
+    assert m['f2_score'] == pytest.approx((f2(3 / 4, 3 / 4) + f2(2 / 4, 2 / 3) + f2(1, 2 / 3)) / 3)
+
     m = ft.metrics([0, 0, 2], [0, 0, 0])  # no neutral examples, contradiction never predicted
     assert m['per_class'] == {'entailment': 1.0, 'neutral': None, 'contradiction': 0.0}
-    assert m['macro_f1'] == pytest.approx((0.8 + 0 + 0) / 3)
+    assert m['macro_f1'] == pytest.approx((0.8 + 0 + 0) / 3) # every class
+    assert m['f1_score'] == pytest.approx((0.8 + 0) / 2) # the fork's: the classes that occur
+    assert m['recall'] == pytest.approx((1 + 0) / 2) and m['f2_score'] == pytest.approx((f2(2 / 3, 1) + 0) / 2)
+    assert m['accuracy'] == pytest.approx(2 / 3) and m['confusion_matrix'] == [[2, 0, 0], [0, 0, 0], [1, 0, 0]]
+
+
+def test_the_loss_of_an_evaluation_is_the_mean_over_examples_not_over_batches():
+    torch.manual_seed(0)
+    model = ft.NLIClassifier(GPTBatched(128, max_seq_len=32, arch='small', **TINY)).eval()
+    data = [([5, 6, 7], 0), ([8, 9], 2), ([10], 1), ([11, 12, 13, 14], 0), ([15, 16], 0)]
+    with torch.no_grad():
+        logits = torch.cat([model(*ft.collate([ex])[:2]) for ex in data])
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([y for _, y in data])).item()
+    m = ft.evaluate(model, data, 2, 'cpu', nullcontext(), keep_outputs=True) # batches of 2, 2 and 1
+    assert m['loss'] == pytest.approx(expected, rel=1e-5) and m['labels'] == [0, 2, 1, 0, 0]
+    assert m['predictions'] == logits.argmax(-1).tolist() and m['num_examples'] == 5
+    assert torch.tensor(m['logits']) == pytest.approx(logits, abs=1e-5)
+
+
+def test_class_weights_are_inverse_class_frequencies():
+    weights = ft.class_weights([0] * 6 + [1] * 3 + [2], 3) # scikit-learn's 'balanced': n / (classes x count)
+    assert weights.tolist() == pytest.approx([10 / 18, 10 / 9, 10 / 3])
+    assert ft.class_weights([0, 0, 1], 3).tolist() == pytest.approx([0.5, 1.0, 1.0]) # an absent class counts 1
+
+
+def test_the_best_model_is_the_most_accurate_and_at_equal_accuracy_the_lower_loss():
+    first, lower_loss, more_accurate = dict(accuracy=0.6, loss=1.0), dict(accuracy=0.6, loss=0.9), dict(accuracy=0.7, loss=1.3)
+    assert ft.is_better(first, None)
+    assert ft.is_better(more_accurate, lower_loss) and not ft.is_better(lower_loss, more_accurate) # accuracy first
+    assert ft.is_better(lower_loss, first) and not ft.is_better(first, lower_loss)
+    assert not ft.is_better(dict(first), first) # a tie keeps the earlier best
+
+
+def test_steps_per_epoch_and_the_warmup_follow_the_batch_accumulation_and_ratio():
+    args = args_for(batch_size=4, gradient_accumulation_steps=2, num_epochs=3, warmup_ratio=0.1)
+    assert ft.step_counts(args, 103) == (13, 39) # ceil(103 / 8) steps an epoch
+    assert ft.step_counts(args_for(batch_size=4, num_epochs=3, max_steps=20), 103) == (26, 20)
+    schedule = ft.lr_schedule(args_for(warmup_ratio=0.1), 40) # 4 warmup steps, then cosine to 10% at step 40
+    assert [schedule(s) for s in (0, 1, 2, 3, 4, 22, 40)] == pytest.approx([0.25, 0.5, 0.75, 1, 1, 0.55, 0.1])
+    flat = ft.lr_schedule(ft.get_args(['--pretrained_ckpt_path', 'x.pt', '--no_decay_lr']), 40)
+    assert {flat(s) for s in (0, 3, 22, 40)} == {1.0}
 
 
 # ----------------------------------------------------------------------------- bundles
@@ -325,6 +385,9 @@ def test_end_to_end_train_evaluate_and_resume(xnli, tmp_path):
     state = json.loads((last / 'training_state.json').read_text())
     best_before = json.loads((best / 'training_state.json').read_text())['best']
     assert state['step'] == 68 and state['best'] == best_before and 'rng' in state
+    # best/ is the evaluation of highest accuracy (then lowest loss), and results.json scores it on the test set
+    chosen = max(state['history'], key=lambda h: (h['accuracy'], -h['loss']))
+    assert best_before['step'] == chosen['step'] == results['best_step'] and best_before['loss'] == chosen['loss']
 
     # --resume continues the run in out/last: another pretrained checkpoint named with it is refused, not ignored
     other = tmp_path / 'other.pt'

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from core.checkpoint import read_checkpoint
 from core.training import read_resume_check
 from tests.helpers import REPO, TINY_CONFIG, run_train, wandb_offline_run
@@ -24,6 +26,8 @@ def torchrun(cwd, *args):
 
 def test_torchrun_two_processes_then_resume_with_one_and_with_lora(tmp_path):
     out = torchrun(tmp_path, '--out_dir', 'ddp', '--max_iters', 10, '--gradient_accumulation_steps', 2)
+    # the config's tokens per step, shared by the two processes: 2 micro-steps of 4 x 32 tokens, one per process
+    assert 'tokens per iteration will be: 256' in out and 'does not divide' not in out
     assert out.count('saving checkpoint to ddp') == 1 # step 10 saves, by rank 0 only (two lines: both ranks saved)
     ddp = read_checkpoint(tmp_path / 'ddp')
     assert ddp.kind == 'bundle' and ddp.step == 10 and ddp.manifest is not None
@@ -39,8 +43,10 @@ def test_torchrun_two_processes_then_resume_with_one_and_with_lora(tmp_path):
     assert abs(read_resume_check(out)[0] - read_resume_check(out)[1]) < 1e-4 and 'adapters initialised fresh' in out
     # and back under torchrun, with LoRA, from the single-process LoRA bundle
     out = torchrun(tmp_path, '--resume_from', 'lora', '--out_dir', 'lora-ddp', '--max_iters', 20, '--attn_lora_rank', 4,
-                   '--gradient_accumulation_steps', 2)
+                   '--gradient_accumulation_steps', 3)
     assert 'adapters restored' in out and read_checkpoint(tmp_path / 'lora-ddp').step == 20
+    # 3 micro-steps do not divide among 2 processes: each runs 3, and says so once
+    assert 'tokens per iteration will be: 768' in out and out.count('does not divide among 2 processes') == 1
 
 
 def offline_wandb(tmp_path):
@@ -82,3 +88,14 @@ def test_wandb_offline_run_of_finetuning_records_metrics_and_checkpoints(tmp_pat
     assert evals and evals[-1]['checkpoint/saved_last'] == evals[-1]['_step']
     assert any('lr/head' in row and row['lr/head'] > row['lr/pretrained'] for row in history)
     assert summary['test/accuracy'] == results['accuracy'] # one float, written twice
+
+
+def test_each_process_trains_on_batches_of_its_own(tmp_path):
+    # one step of 2 processes x 1 micro-batch; had both drawn the same batch (one seed for all), the averaged gradient
+    # would be that batch's, and the step exactly the one-process step on it
+    torchrun(tmp_path, '--out_dir', 'two', '--max_iters', 1, '--eval_interval', 1, '--gradient_accumulation_steps', 2)
+    run_train(tmp_path, '--out_dir', 'one', '--max_iters', 1, '--eval_interval', 1, '--gradient_accumulation_steps', 1)
+    two, one = read_checkpoint(tmp_path / 'two').weights(), read_checkpoint(tmp_path / 'one').weights()
+    assert read_checkpoint(tmp_path / 'two').step == read_checkpoint(tmp_path / 'one').step == 1
+    moved = [k for k in one if not torch.equal(one[k], two[k])]
+    assert len(moved) > len(one) // 2, moved # every trained tensor took another step
