@@ -30,6 +30,7 @@ config = dict(
     device='cuda' if torch.cuda.is_available() else 'cpu',
     dtype=DEFAULT_DTYPE,
     compile=False,
+    meta=None, # a vocabulary for a checkpoint that stores none: data/<dataset>/meta.json or nanoGPT's meta.pkl
     debug=False, # the traceback of errors that are otherwise one paragraph
 )
 LEAST = {'num_samples': 1, 'max_new_tokens': 0, 'top_k': 1, 'seed': 0}
@@ -45,7 +46,7 @@ def sample(args):
     where = (args.out_dir if args.init_from == 'resume' else
              pretrained_gpt2_dir(args.init_from) if args.init_from in GPT2_NAMES else args.init_from)
     generate.main(argparse.Namespace(**vars(args), path=None, checkpoint=where, model_name=None, legacy_checkpoint=None,
-                                     root='checkpoints', meta=None))
+                                     root='checkpoints'))
 
 
 if __name__ == '__main__':

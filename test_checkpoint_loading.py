@@ -356,7 +356,7 @@ def test_command_line(tmp_path_factory, tmp_path):
     code, out = run_script('test_checkpoint_loading.py', files['small'], cwd=tmp_path, ok=False)
     assert code == 1 and 'FAILED' in out and 'pass num_heads (--n_head)' in out and 'Traceback' not in out
     code, out = run_script('test_checkpoint_loading.py', cwd=tmp_path, ok=False)
-    assert code == 1 and 'usage: test_checkpoint_loading.py' in out
+    assert code == 1 and 'the following arguments are required: checkpoint' in out and out.count('\n') == 1
 
 
 def test_command_line_runs_without_pytest(tmp_path_factory, tmp_path):

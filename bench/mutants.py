@@ -495,7 +495,9 @@ MUTANTS = [
     ('data/prepare.py', 'data = np.array(ids, dtype=np.uint16).data',
      'data = np.array(ids, dtype=np.int32).data', 'train.bin not uint16, as nanoGPT reads it'),
     ('data/prepare.py', 'return "\\n".join(topics[key] for key in sorted(topics))',
-     'return "\\n".join(topics.values())', 'the pydocs corpus in dict order'),
+     'return "\\n".join(topics.values())', 'the pydocs corpus in dict order',
+     "pydoc_data.topics is a dict literal already in sorted key order (CPython 3.11): the sort keeps the corpus the "
+     'same on a Python that writes it otherwise'),
     ('data/prepare.py', '"train_tokens": len(train_ids), "val_tokens": len(val_ids)}',
      '"train_tokens": len(val_ids), "val_tokens": len(train_ids)}', "meta.json's token counts swapped"),
     # core/peft_adapter.py: more of peft's layout

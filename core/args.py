@@ -5,7 +5,8 @@ data/prepare.py can use it too.
 """
 
 import argparse
-import sys
+import difflib
+import re
 
 
 class Parser(argparse.ArgumentParser):
@@ -15,8 +16,12 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
-        self.print_usage(sys.stderr)
-        self.exit(1, f'{self.prog}: error: {message}\n')
+        # one paragraph: argparse's own error, a near option for a misspelt one, and where the options are listed
+        options = [o for action in self._actions for o in action.option_strings]
+        unknown = re.findall(r'--?[\w-]+', message.partition('unrecognized arguments:')[2])
+        near = [m for flag in unknown for m in difflib.get_close_matches(flag.split('=')[0], options, n=1)]
+        hint = f" Did you mean {', '.join(near)}?" if near else ''
+        self.exit(1, f'{self.prog}: error: {message}.{hint} The options: python {self.prog} --help\n')
 
 
 def at_least(minimum):

@@ -22,7 +22,7 @@ from core.classifier import CLASSIFIER
 from core.commit import MANIFEST_FILE, PREVIOUS, SAVING, CheckpointError, complete
 from core.hf import HF, HF_WEIGHTS
 from core.kind import BUNDLE_FILES, Checkpoint, adapter_config, describe_adapters
-from core.nanogpt import LEGACY, LEGACY_NAMES, NANOGPT
+from core.nanogpt import LEGACY, LEGACY_NAMES, NANOGPT, read_meta_file
 from core.peft_adapter import PEFT
 from core.sharded import SHARDED, save_sharded
 from core.tokenizer import char_spec, load_tokenizer
@@ -84,6 +84,9 @@ def read_checkpoint(path, legacy_file=None, meta_path=None):
     ck = KINDS[kind].read(found_path, meta_path)
     if KINDS[kind].committed and Path(found_path) != Path(path):
         ck.notes.append(f'the last save to {path} was interrupted; read the complete checkpoint it left in {found_path}')
+    if meta_path and ck.tokenizer is None: # (single files and Hugging Face directories look for --meta themselves)
+        ck.tokenizer = read_meta_file(meta_path)
+        ck.notes.append(f'tokenizer: read from {meta_path}')
     return ck
 
 

@@ -440,10 +440,8 @@ def load_tensors(path, map_location='cpu', mmap=False):
     except pickle.UnpicklingError as e:
         # torch reports both a class reference (unsafe to load) and plain garbage through this error
         reference = [line.strip() for line in str(e).splitlines() if 'GLOBAL' in line or 'global' in line][:1]
-        if not reference:
-            detail = [line.strip() for line in str(e).splitlines() if line.strip().startswith('Unsupported')][:1]
-            raise CheckpointError(f'{path} is not a PyTorch checkpoint (damaged, truncated, or another kind of file): '
-                                  f'{detail[0] if detail else str(e).splitlines()[0]}') from None
+        if not reference: # (a text file reaches here too: torch reads any first byte as a pickle opcode)
+            raise CheckpointError(f'{path} is not a PyTorch checkpoint: {what_file_holds(path)}') from None
         raise CheckpointError(
             f'{path} holds more than tensors and plain containers, so it was not loaded: unpickling it could run '
             f'code. torch said: {reference[0]}') from None

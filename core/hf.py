@@ -14,7 +14,7 @@ from core.commit import (CheckpointError, DamagedError, commit_directory, load_t
                          read_safetensors, save_safetensors, verify_file, write_json)
 from core.kind import STATE_FILE, Checkpoint, Kind, config_from_dict
 from core.nanogpt import read_meta_file
-from core.tokenizer import spec_from_hf_tokenizer
+from core.tokenizer import hf_tokenizer, load_tokenizer, spec_from_hf_tokenizer
 
 HF_WEIGHTS = 'model.safetensors' # transformers' file name for the weights
 
@@ -94,7 +94,6 @@ def hf_config(config, eot=None, tied=True):
 def tokenizer_files(spec, block_size):
     """ tokenizer.json and tokenizer_config.json that transformers' AutoTokenizer reads (PreTrainedTokenizerFast,
     built by the tokenizers library: nothing downloaded), encoding text to our ids; and the end-of-text id """
-    from core.tokenizer import hf_tokenizer, load_tokenizer
     ours = load_tokenizer(spec)
     tokenizer = hf_tokenizer(spec)
     eot = None if ours.eot_id is None else tokenizer.id_to_token(ours.eot_id)

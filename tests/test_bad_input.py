@@ -241,6 +241,8 @@ CASES = {
         ('no checkpoint named', lambda d: [], 'exactly one of PATH, --checkpoint PATH or --model_name NAME (found 0)'),
         ('missing checkpoint', lambda d: ['--checkpoint', 'nope'], 'no checkpoint at nope'),
         ('text file', lambda d: ['--checkpoint', file(d, 'notes.txt')], "it starts with b'hello world"),
+        ('a config file', lambda d: ['--checkpoint', file(d, 'conf.py', '# a config\n')], "conf.py is not a PyTorch checkpoint: it starts with b'# a config"),
+        ('a misspelt option', lambda d: ['--num_sample', '2'], 'unrecognized arguments: --num_sample. Did you mean --num_samples?'),
         ('empty directory', lambda d: ['--checkpoint', folder(d)], 'no checkpoint in the directory adir'),
         ('--num_samples -1', lambda d: ['--checkpoint', bundle(d), '--num_samples', '-1'], '-1 is too small'),
         ('--top_k 0', lambda d: ['--checkpoint', bundle(d), '--top_k', '0'], '0 is too small'),

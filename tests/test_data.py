@@ -236,11 +236,15 @@ def test_hf_tokenizer_from_file(tmp_path, special_tokens, eot_token):
 
 
 def test_hf_decode_keeps_special_tokens_and_encode_adds_none(tmp_path):
-    train_tiny_hf_bpe(tmp_path / "tokenizer.json", ["<pad>", "</s>"])
+    tok = train_tiny_hf_bpe(tmp_path / "tokenizer.json", ["<pad>", "</s>"])
+    trained = tok.get_vocab_size(with_added_tokens=False)
+    tok.add_special_tokens(["<|user|>"]) # added after training: an id past the model's vocabulary, still an id
+    tok.save(str(tmp_path / "tokenizer.json"))
     enc = load_tokenizer(hf_spec_from_file(tmp_path / "tokenizer.json"))
     ids = enc.encode("India is big.")
     assert enc.eot_id == 1 and 1 not in ids and 0 not in ids
     assert enc.decode(ids + [1] + ids) == "India is big.</s>India is big." # a sample's end-of-text stays visible
+    assert enc.vocab_size == trained + 1 and enc.encode("<|user|>") == [trained]
 
 
 def test_vocabulary_sizes_known_without_loading_and_the_byte_alphabet():

@@ -4,11 +4,13 @@ distribution of many draws from known logits; generate.py's and sample.py's opti
 continuation is computed here.
 """
 
+import json
+
 import torch
 
 from core.checkpoint import read_checkpoint, save_bundle
 from model import GPT, GPTConfig
-from tests.helpers import run_in_process
+from tests.helpers import run_in_process, run_script
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, 5.0, 5.0]) # ids 4 and 5: a padded vocabulary's rows, not tokens
 DRAWS = 20000
@@ -128,3 +130,16 @@ def test_sample_py_samples_as_generate_py_with_nanogpts_options(tmp_path, monkey
                               '--max_new_tokens', 6, '--temperature', 1.0, '--device', 'cpu', cwd=tmp_path,
                               monkeypatch=monkeypatch, capsys=capsys)
     assert samples(other) != samples(same) # the data tells temperature 0.8 from 1.0
+
+
+def test_sample_py_takes_the_vocabulary_of_a_checkpoint_that_stores_none(tmp_path, monkeypatch, capsys):
+    model = peaked_bundle(tmp_path / 'with')
+    bare = GPT(model.config)
+    bare.load_state_dict(model.state_dict())
+    save_bundle(tmp_path / 'bare', bare, 1) # no tokenizer.json
+    (tmp_path / 'meta.json').write_text(json.dumps({'vocab_size': len(CHARS), 'tokenizer': {'token_kind': 'char', 'chars': CHARS}}))
+    args = ['--init_from=bare', '--start=ab', '--num_samples=1', '--max_new_tokens=5', '--top_k=1', '--device=cpu']
+    code, out = run_script('sample.py', *args, cwd=tmp_path, ok=False) # its errors end at the interpreter: a process
+    assert code == 1 and 'stores no vocabulary' in out and '--meta' in out and 'Traceback' not in out
+    code, out = run_in_process('sample.py', *args, '--meta=meta.json', cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and samples(out) == [greedy(model, 'ab', 5)]
