@@ -50,7 +50,6 @@ TESTS = {
     'core/kind.py': ['tests/test_checkpoint.py', 'tests/test_peft.py'],
     'train.py': ['test_checkpoint_compatibility.py::test_same_config_resume_standard',
                  'tests/test_scale.py::test_torchrun_two_processes_then_resume_with_one_and_with_lora',
-                 'tests/test_scale.py::test_each_process_trains_on_batches_of_its_own',
                  'tests/test_fsdp.py::test_it_resumes_on_another_number_of_processes'],
     'finetune_hindi_xnli.py': ['tests/test_finetune_xnli.py::test_metrics_on_a_hand_made_example',
         'tests/test_finetune_xnli.py::test_the_loss_of_an_evaluation_is_the_mean_over_examples_not_over_batches',
