@@ -135,9 +135,10 @@ def describe_modded(path, info):
     ])
 
 
-def fine_tuning_state_dict(path, info, sd):
-    """ the explicit rules: lm head dropped, scalars checked and cut to 5L, small keys moved to the medium layout """
-    sd = {k: v for k, v in sd.items() if k not in LM_HEAD_KEYS}
+def fine_tuning_state_dict(path, info, sd, lm_head=False):
+    """ the explicit rules: lm head dropped (kept with lm_head), scalars checked and cut to 5L, small keys moved to
+    the medium layout """
+    sd = {k: v for k, v in sd.items() if lm_head or k not in LM_HEAD_KEYS}
     scalars, used = sd['scalars'], info['scalars_used']
     if scalars.numel() < used:
         raise ModdedCheckpointError(f'{path}: scalars has {scalars.numel()} values but {info["num_layers"]} layers need '
@@ -153,8 +154,9 @@ def fine_tuning_state_dict(path, info, sd):
     return sd
 
 
-def load_pretrained_checkpoint(path, device='cpu', num_heads=None, max_seq_len=1024, verbose=True):
-    """ (GPTBatched, info, checkpoint), loaded strictly; the forward follows the rules of the checkpoint's layout """
+def load_pretrained_checkpoint(path, device='cpu', num_heads=None, max_seq_len=1024, verbose=True, lm_head=False):
+    """ (GPTBatched, info, checkpoint), loaded strictly; the forward follows the rules of the checkpoint's layout.
+    lm_head: with the pretraining LM head, for generation (forward gives the pretraining logits) """
     info, checkpoint = inspect_checkpoint(path, num_heads, verbose)
     if info['num_heads'] is None:
         raise ModdedCheckpointError(
@@ -164,11 +166,14 @@ def load_pretrained_checkpoint(path, device='cpu', num_heads=None, max_seq_len=1
     if info['head_dim'] is None or info['head_dim'] * info['num_heads'] != info['model_dim'] or info['head_dim'] % 4:
         raise ModdedCheckpointError(f"{path}: {info['num_heads']} heads do not fit: the attention width is {info['hdim']} "
                                     f"and the model dim {info['model_dim']}; heads x head_dim must equal both")
-    sd = fine_tuning_state_dict(path, info, strip_wrapper_prefixes(checkpoint['model'])) # the file, read once
+    sd = fine_tuning_state_dict(path, info, strip_wrapper_prefixes(checkpoint['model']), lm_head) # read once
     arch = 'small' if info['layout'] == 'small' else 'medium'
+    head = sd.get('lm_head_w')
+    if lm_head and head is None:
+        raise ModdedCheckpointError(f'{path} has no LM head ({" or ".join(LM_HEAD_KEYS)}): it cannot generate text')
     with meta_device(): # no memory, no random init of weights about to be replaced
         model = GPTBatched(info['vocab_size'], info['num_layers'], info['num_heads'], info['model_dim'], max_seq_len,
-                           info['head_dim'], arch=arch)
+                           info['head_dim'], arch=arch, lm_head_rows=head.size(0) if lm_head else 0)
     check_state_dict_fits(model.state_dict(), sd, path, f"GPTBatched({info['format']}, {info['num_layers']} layers, "
                                                         f"{info['num_heads']} heads, dim {info['model_dim']})")
     # fp32 tensors are the file's mapped pages (private: training writes copy them); bf16 ones become fp32 (exact)

@@ -111,6 +111,47 @@ def make_linear(in_features, out_features, bias, rank, config):
 
 
 # -----------------------------------------------------------------------------
+# the key/value cache: generation runs the model on the new token only, over what earlier positions computed
+
+class KVCache:
+    """
+    Each attention layer's keys and values (B, heads, positions, head size) for the `length` positions seen so
+    far, in buffers of max_len positions allocated on first use (one copy per step is a write, not a new tensor).
+    The model's forward fills it and moves `length` on; beam search picks the rows of the chosen beams (reorder).
+    """
+
+    def __init__(self, max_len):
+        self.max_len, self.length, self.buffers = max_len, 0, {}
+
+    def update(self, layer, k, v):
+        """ the new positions' k, v into layer's buffers -> the keys and values of every position so far """
+        start, end = self.length, self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f'the cache holds {self.max_len} positions; {end} were asked for')
+        if layer not in self.buffers:
+            self.buffers[layer] = tuple(x.new_empty(*x.shape[:2], self.max_len, x.size(3)) for x in (k, v))
+        keys, values = self.buffers[layer]
+        keys[:, :, start:end], values[:, :, start:end] = k, v
+        return keys[:, :, :end], values[:, :, :end]
+
+    def reorder(self, rows):
+        """ batch row i becomes old row rows[i] (beams chosen, or one prompt's row repeated for every beam) """
+        self.buffers = {layer: (k[rows], v[rows]) for layer, (k, v) in self.buffers.items()}
+
+
+def causal_attention(q, k, v, cache=None, layer=None, scale=None, dropout_p=0.0):
+    """ q (B, H, T, hs) of the last T positions over the keys and values of all positions (the cache's and these) """
+    start = cache.length if cache is not None else 0
+    if cache is not None:
+        k, v = cache.update(layer, k, v)
+    T = q.size(2)
+    # start 0: plain causal; one new position sees them all; else new position i sees keys 0 .. start + i
+    mask = None if start == 0 or T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=start == 0,
+                                          scale=scale)
+
+
+# -----------------------------------------------------------------------------
 # the transformer
 
 class CausalSelfAttention(nn.Module):
@@ -128,14 +169,13 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         B, T, C = x.size() # batch size, sequence length, embedding dimensionality (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) # (B, nh, T, hs)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None,
-                                           dropout_p=self.dropout if self.training else 0, is_causal=True)
+        y = causal_attention(q, k, v, cache, self, dropout_p=self.dropout if self.training else 0)
         y = y.transpose(1, 2).contiguous().view(B, T, C) # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -162,8 +202,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -296,19 +336,23 @@ class GPT(nn.Module):
             is_norm_or_bias = name.endswith('.bias') or '.ln_' in name
             p.requires_grad = (not lora) or is_factor or (self.config.lora_train_norms_biases and is_norm_or_bias)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
+        """ cache: a KVCache holding the positions before idx's (generation), filled with idx's on the way """
         device = idx.device
         b, t = idx.size()
-        assert t <= self.config.block_size, f"Cannot forward sequence of length {t}, block size is only {self.config.block_size}"
-        pos = torch.arange(0, t, dtype=torch.long, device=device) # shape (t)
+        start = cache.length if cache is not None else 0
+        assert start + t <= self.config.block_size, f"Cannot forward sequence of length {start + t}, block size is only {self.config.block_size}"
+        pos = torch.arange(start, start + t, dtype=torch.long, device=device) # shape (t)
 
         # forward the GPT model itself
         tok_emb = self.transformer.wte(idx) # token embeddings of shape (b, t, n_embd)
         pos_emb = self.transformer.wpe(pos) # position embeddings of shape (t, n_embd)
         x = self.transformer.drop(tok_emb + pos_emb)
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, cache)
         x = self.transformer.ln_f(x)
+        if cache is not None:
+            cache.length += t
 
         if targets is None:
             # inference-time mini-optimization: only forward the lm_head on the very last position
@@ -412,16 +456,20 @@ class GPT(nn.Module):
         return [loss.item() for loss in losses] # read once, at the end: each .item() waits for the GPU
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_size=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_size=None, use_cache=True):
         """
         Take a conditioning sequence of indices idx (LongTensor of shape (b,t)) and complete
         the sequence max_new_tokens times, feeding the predictions back into the model each time.
         vocab_size: sample only ids below it (a padded vocabulary's extra rows are not tokens).
+        use_cache: run the model on each new token only (a KVCache), the same logits as recomputing the prefix.
         """
+        cache = KVCache(self.config.block_size) if use_cache else None
         for _ in range(max_new_tokens):
+            if idx.size(1) > self.config.block_size:
+                cache = None # the window slides: every position moves, so no cached key holds any more
             # if the sequence context is growing too long we must crop it at block_size
             idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
+            logits, _ = self(idx_cond if cache is None else idx_cond[:, cache.length:], cache=cache)
             logits = logits[:, -1, :vocab_size] / temperature
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
@@ -612,6 +660,9 @@ NO_ATTENTION_LAYER = 7 # every layout skips attention in this layer
 MEDIUM_SKIPS = {9: 6, 10: 4, 11: 2} # medium: before block i add scalars[j] * output of block j
 KNOWN_HEADS = {(12, 768): 6, (16, 1024): 8, (24, 1152): 18, (36, 1280): 20} # (layers, model dim) -> heads
 ATTENTION_SCALE = 0.12 # modded-nanogpt's constant softmax scale, not 1/sqrt(head_dim)
+# each layout's logit soft cap on z = features @ head^T, as its pretraining script computes it (dim: model dim)
+LOGIT_CAPS = {'small': lambda z, dim: 30 * torch.sigmoid(z / (7.5 * dim ** 0.5)),
+              'medium': lambda z, dim: 15 * z * torch.rsqrt(z.square() + 225)}
 
 def rms_norm(x):
     # no weight; computed in fp32 with fp32's machine eps whatever the input dtype, returned in that dtype
@@ -632,8 +683,8 @@ class Rotary(nn.Module):
         self.register_buffer('cos', theta.cos(), persistent=False) # not in the checkpoints
         self.register_buffer('sin', theta.sin(), persistent=False)
 
-    def forward(self, x): # x: (B, T, H, head_dim)
-        cos, sin = self.cos[None, :x.size(1), None, :], self.sin[None, :x.size(1), None, :]
+    def forward(self, x, start=0): # x: (B, T, H, head_dim) at positions start, start + 1, ...
+        cos, sin = (t[None, start:start + x.size(1), None, :] for t in (self.cos, self.sin))
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat((x1 * cos + x2 * sin, -x1 * sin + x2 * cos), dim=-1).type_as(x)
 
@@ -710,22 +761,24 @@ def modded_scalars(num_layers):
                                    torch.tensor([0.5, 0.5]).repeat(num_layers)]))
 
 
-def modded_attention(x, w_qkv, w_out, rotary, num_heads, ve, lambdas, norm_v):
+def modded_attention(x, w_qkv, w_out, rotary, num_heads, ve, lambdas, norm_v, cache=None, layer=None):
     B, T, _ = x.shape
     q, k, v = F.linear(x, w_qkv.flatten(end_dim=1).type_as(x)).view(B, T, 3 * num_heads, -1).chunk(3, dim=-2)
-    q, k = rotary(rms_norm(q)), rotary(rms_norm(k))
+    start = cache.length if cache is not None else 0
+    q, k = rotary(rms_norm(q), start), rotary(rms_norm(k), start)
     if norm_v:
         v = rms_norm(v)
     v = lambdas[0] * v + lambdas[1] * ve.view_as(v) if ve is not None else lambdas[0] * v
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.type_as(q).transpose(1, 2),
-                                       is_causal=True, scale=ATTENTION_SCALE)
+    y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.type_as(q).transpose(1, 2), cache, layer,
+                         scale=ATTENTION_SCALE)
     return F.linear(y.transpose(1, 2).reshape(B, T, -1), w_out.type_as(y))
 
 
-def modded_features(model, idx, arch):
+def modded_features(model, idx, arch, cache=None):
     """
     The final normed hidden states (B, T, D) of either layout, by the rules of `arch` ('small' or 'medium'):
     small: pre-normed attention input, v not normed, U-net skips; medium: no pre-norm, v normed, fixed skips.
+    cache: a KVCache of the positions before idx's (generation), filled with idx's on the way.
     """
     if idx.dim() == 1:
         idx = idx[None] # the training scripts feed one flat sequence
@@ -744,10 +797,12 @@ def modded_features(model, idx, arch):
         if block.attn is not None:
             w_qkv, w_out = block.attn.weights()
             x = x + modded_attention(rms_norm(x) if arch == 'small' else x, w_qkv, w_out, model.rotary,
-                                     model.num_heads, ve[i], sa_lambdas[i], norm_v=(arch == 'medium'))
+                                     model.num_heads, ve[i], sa_lambdas[i], arch == 'medium', cache, block.attn)
         fc, proj = block.mlp.weights()
         x = x + F.linear(F.relu(F.linear(rms_norm(x), fc.type_as(x))).square(), proj.type_as(x))
         outputs.append(x)
+    if cache is not None:
+        cache.length += idx.size(1)
     return rms_norm(x)
 
 
@@ -766,23 +821,24 @@ class GPTFlexAttention(nn.Module):
         self.lm_head = nn.Linear(model_dim, vocab_size, bias=False)
         self.scalars = modded_scalars(num_layers)
 
-    def forward_features(self, idx):
-        return modded_features(self, idx, 'small')
+    def forward_features(self, idx, cache=None):
+        return modded_features(self, idx, 'small', cache)
 
-    def forward(self, idx):
-        z = self.lm_head(self.forward_features(idx)).float()
-        return 30 * torch.sigmoid(z / (7.5 * self.model_dim ** 0.5)) # the small script's logit cap
+    def forward(self, idx, cache=None):
+        return LOGIT_CAPS['small'](self.lm_head(self.forward_features(idx, cache)).float(), self.model_dim)
 
 
 class GPTBatched(nn.Module):
     """
     The medium parameter layout (qkvo_w, fc_w, proj_w) over right-padded (B, T) batches. `arch` says whose
     forward rules to run: 'medium' for medium checkpoints, 'small' for weights converted from a small one.
-    Attention is causal, so padding never changes the features at real positions. No lm head: it is for
-    fine-tuning on top of forward_features.
+    Attention is causal, so padding never changes the features at real positions. With lm_head_rows, the LM
+    head `lm_head_w` (the small layout's lm_head.weight, or medium's own) and forward gives the pretraining
+    logits, capped by the arch's rule; without, it is a backbone for a task head on forward_features.
     """
 
-    def __init__(self, vocab_size, num_layers, num_heads, model_dim, max_seq_len, head_dim=128, arch='medium'):
+    def __init__(self, vocab_size, num_layers, num_heads, model_dim, max_seq_len, head_dim=128, arch='medium',
+                 lm_head_rows=0):
         super().__init__()
         assert arch in ('small', 'medium'), arch
         check_modded_shape(num_layers, num_heads, model_dim, head_dim)
@@ -793,18 +849,29 @@ class GPTBatched(nn.Module):
                                                  MediumMLP(model_dim)) for i in range(num_layers)])
         self.rotary = Rotary(head_dim, max_seq_len)
         self.scalars = modded_scalars(num_layers)
+        if lm_head_rows:
+            self.lm_head_w = nn.Parameter(torch.zeros(lm_head_rows, model_dim)) # zero, as pretraining starts it
 
-    def forward_features(self, idx):
-        return modded_features(self, idx, self.arch)
+    def forward_features(self, idx, cache=None):
+        return modded_features(self, idx, self.arch, cache)
 
-    forward = forward_features
+    def forward(self, idx, cache=None):
+        """ logits (B, T, head rows) in float32 """
+        if not hasattr(self, 'lm_head_w'):
+            raise ValueError('this GPTBatched has no LM head (built with lm_head_rows=0, for a task head): '
+                             'use forward_features')
+        features = self.forward_features(idx, cache)
+        z = F.linear(features, self.lm_head_w.type_as(features)).float()
+        return LOGIT_CAPS[self.arch](z, self.model_dim)
 
     @classmethod
-    def from_pretrained_gpt(cls, flex_model):
-        """ a GPTFlexAttention's weights in the batched layout, still run by the small rules """
+    def from_pretrained_gpt(cls, flex_model, lm_head=False):
+        """ a GPTFlexAttention's weights in the batched layout, still run by the small rules (with its head) """
         f = flex_model
-        model = cls(f.embed.num_embeddings, len(f.blocks), f.num_heads, f.model_dim, f.rotary.cos.size(0), f.head_dim, arch='small')
-        sd = {k: v for k, v in f.state_dict().items() if k != 'lm_head.weight'}
+        rows = f.lm_head.weight.size(0) if lm_head else 0
+        model = cls(f.embed.num_embeddings, len(f.blocks), f.num_heads, f.model_dim, f.rotary.cos.size(0), f.head_dim,
+                    arch='small', lm_head_rows=rows)
+        sd = {k: v for k, v in f.state_dict().items() if lm_head or k != 'lm_head.weight'}
         model.load_state_dict(small_to_medium_state_dict(sd), strict=True)
         return model
 
@@ -889,7 +956,8 @@ def set_modded_lora_factors(model, factors):
 def small_to_medium_state_dict(sd):
     """
     The small layout's keys in the medium layout: qkv_w -> qkvo_w[0:3], attn.c_proj.weight -> qkvo_w[3]
-    *untransposed* (both are used as [out, in]), mlp.c_fc.weight -> fc_w, mlp.c_proj.weight -> proj_w.
+    *untransposed* (both are used as [out, in]), mlp.c_fc.weight -> fc_w, mlp.c_proj.weight -> proj_w,
+    lm_head.weight -> lm_head_w.
     """
     out = {}
     for k, v in sd.items():
@@ -901,6 +969,8 @@ def small_to_medium_state_dict(sd):
             out[k[:-len('c_fc.weight')] + 'fc_w'] = v
         elif k.endswith('.mlp.c_proj.weight'):
             out[k[:-len('c_proj.weight')] + 'proj_w'] = v
+        elif k == 'lm_head.weight':
+            out['lm_head_w'] = v
         else:
             out[k] = v
     return out

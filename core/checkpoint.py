@@ -18,7 +18,7 @@ import torch
 from model import GPT, GPTConfig
 from core.bundle import (BUNDLE, apply_optimizer_state, named_optimizer_state, rng_state, save_bundle, set_rng_state,
                          wait_for_saves)
-from core.classifier import CLASSIFIER
+from core.classifier import CLASSIFIER, MODDED_LM
 from core.commit import MANIFEST_FILE, PREVIOUS, SAVING, CheckpointError, complete
 from core.hf import HF, HF_WEIGHTS
 from core.kind import BUNDLE_FILES, Checkpoint, adapter_config, describe_adapters
@@ -35,7 +35,7 @@ __all__ = ['KINDS', 'WRITABLE', 'find_checkpoint', 'read_checkpoint', 'Checkpoin
 # The one table of checkpoint kinds. Every tool finds, names, reads and writes checkpoints through it, so a kind
 # cannot exist in one tool and not another. Recognised in this order: the first row whose recognise() answers
 # (LEGACY takes any file, so a new kind goes before it).
-KINDS = {kind.name: kind for kind in (HF, CLASSIFIER, PEFT, SHARDED, BUNDLE, LEGACY, NANOGPT)}
+KINDS = {kind.name: kind for kind in (HF, CLASSIFIER, MODDED_LM, PEFT, SHARDED, BUNDLE, LEGACY, NANOGPT)}
 WRITABLE = tuple(name for name, kind in KINDS.items() if kind.write)
 
 

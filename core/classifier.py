@@ -1,6 +1,7 @@
 """
-finetune_hindi_xnli.py's classifier (out_dir/best and out_dir/last): a bundle's file names around a classifier on a
-modded-nanogpt backbone, not a GPT language model. Its writer, reader and KINDS row; the script builds the model.
+The fine-tuned modded-nanogpt bundles (out_dir/best and out_dir/last): finetune_hindi_xnli.py's classifier and
+finetune_xlsum.py's language model. A bundle's file names around a GPTBatched, not a GPT of ours. Their writer,
+reader and KINDS rows; the scripts build the models.
 """
 
 import json
@@ -11,6 +12,7 @@ from core.commit import check_sizes, commit_directory, load_verified, read_json,
 from core.kind import BUNDLE_FILES, CONFIG_FILE, JSON_FILES, STATE_FILE, TOKENIZER_FILE, Checkpoint, Kind
 
 CLASSIFIER_KIND = 'nli_classifier' # what its config.json says it is
+MODDED_LM_KIND = 'modded_lm' # finetune_xlsum.py's
 
 
 def save_classifier(path, model, config, tokenizer_spec, state, optimizer=None):
@@ -45,14 +47,20 @@ def config_kind(path):
         return None # absent or not JSON: the bundle reader names the problem
 
 
-def read_classifier(path, meta_path=None):
-    """ finetune_hindi_xnli.py's out_dir/best or last: the bundle's file names, but a classifier, not a GPT """
-    config = read_json(Path(path) / CONFIG_FILE)
-    state = read_json(Path(path) / STATE_FILE) if (Path(path) / STATE_FILE).exists() else {}
-    tokenizer = read_json(Path(path) / TOKENIZER_FILE) if (Path(path) / TOKENIZER_FILE).exists() else None
-    return Checkpoint(path, CLASSIFIER, None, tokenizer, state.get('step', 0), None, state, details=config)
+def finetuned_kind(name, declared, title, looks):
+    """ the KINDS row of a fine-tuned modded-nanogpt bundle whose config.json says kind = `declared`: the bundle's
+    file names, but a model for a task, not a GPT of ours """
+    def read(path, meta_path=None):
+        config = read_json(Path(path) / CONFIG_FILE)
+        state = read_json(Path(path) / STATE_FILE) if (Path(path) / STATE_FILE).exists() else {}
+        tokenizer = read_json(Path(path) / TOKENIZER_FILE) if (Path(path) / TOKENIZER_FILE).exists() else None
+        return Checkpoint(path, row, None, tokenizer, state.get('step', 0), None, state, details=config)
+    row = Kind(name, title, lambda p: p if p.is_dir() and config_kind(p) == declared else None, read, None, gpt=False,
+               looks=looks)
+    return row
 
 
-CLASSIFIER = Kind('classifier', 'Fine-tuned classifier (finetune_hindi_xnli.py), not a GPT language model',
-                  lambda p: p if p.is_dir() and config_kind(p) == CLASSIFIER_KIND else None, read_classifier, None,
-                  gpt=False, looks='a fine-tuned classifier directory')
+CLASSIFIER = finetuned_kind('classifier', CLASSIFIER_KIND, 'Fine-tuned classifier (finetune_hindi_xnli.py), not a GPT '
+                            'language model', 'a fine-tuned classifier directory')
+MODDED_LM = finetuned_kind('modded_lm', MODDED_LM_KIND, 'Fine-tuned modded-nanogpt language model (finetune_xlsum.py): '
+                           'GPTBatched with its LM head', 'a generative fine-tune directory')

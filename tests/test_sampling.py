@@ -23,8 +23,10 @@ class FixedLogits(GPT):
         super().__init__(GPTConfig(vocab_size=6, block_size=block_size, n_layer=1, n_head=1, n_embd=4))
         self.seen = []
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
         self.seen.append(idx.clone())
+        if cache is not None:
+            cache.length += idx.size(1)
         return LOGITS.expand(idx.size(0), idx.size(1), -1).clone(), None
 
 
@@ -56,9 +58,26 @@ def test_the_rows_beyond_the_vocabulary_are_never_sampled():
 def test_generation_feeds_back_each_token_and_crops_to_the_block_size():
     model = FixedLogits(block_size=4)
     torch.manual_seed(0)
-    out = model.generate(torch.tensor([[1, 2, 3]]), 3, top_k=1, vocab_size=4)
+    out = model.generate(torch.tensor([[1, 2, 3]]), 3, top_k=1, vocab_size=4, use_cache=False)
     assert out.tolist() == [[1, 2, 3, 0, 0, 0]] # greedy: id 0 three times
     assert [s.tolist() for s in model.seen] == [[[1, 2, 3]], [[1, 2, 3, 0]], [[2, 3, 0, 0]]]
+    # with the cache: the prompt once, then the new token alone, until the window slides and all is recomputed
+    model.seen = []
+    assert model.generate(torch.tensor([[1, 2, 3]]), 3, top_k=1, vocab_size=4).tolist() == out.tolist()
+    assert [s.tolist() for s in model.seen] == [[[1, 2, 3]], [[0]], [[2, 3, 0, 0]]]
+
+
+def test_the_cache_gives_the_samples_of_recomputing_the_prefix():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=40, block_size=24, n_layer=2, n_head=2, n_embd=16, attn_lora_rank=2)).eval()
+    for p in model.parameters():  # trained-looking weights: peaked distributions, LoRA factors not zero
+        torch.nn.init.normal_(p, std=0.4)
+    prompt = torch.randint(0, 40, (3, 5))
+    samples = []
+    for use_cache in (True, False):
+        torch.manual_seed(1)  # past block_size too: the window slides for the last 11 tokens
+        samples.append(model.generate(prompt, 30, temperature=0.8, top_k=10, use_cache=use_cache))
+    assert torch.equal(samples[0], samples[1])
 
 
 # ----------------------------------------------------------------------------- the scripts
