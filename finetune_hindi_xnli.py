@@ -448,11 +448,11 @@ def accepted_flags(args):
         print(f'note: {", ".join(unused)} apply to --eval_only only, and are not used by this training run')
 
 
-def autocast(args):
-    """ (autocast context, GradScaler) for --device / --dtype """
+def autocast(args, flag=None):
+    """ (autocast context, GradScaler) for --device / --dtype (named in the note as `flag`, e.g. the fork's) """
     cuda = torch.device(args.device).type == 'cuda'
     if args.dtype != 'float32' and not cuda:
-        print(f'note: --dtype {args.dtype} autocasts on cuda only; computing in float32 on {args.device}')
+        print(f'note: {flag or "--dtype " + args.dtype} autocasts on cuda only; computing in float32 on {args.device}')
     ctx = torch.autocast('cuda', dtype=getattr(torch, args.dtype)) if cuda and args.dtype != 'float32' else nullcontext()
     return ctx, torch.amp.GradScaler('cuda', enabled=cuda and args.dtype == 'float16')
 

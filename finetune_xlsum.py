@@ -230,6 +230,26 @@ def step_counts(args, num_train):
     total = math.ceil(steps_per_epoch * args.num_train_epochs)
     return steps_per_epoch, min(total, args.max_steps) if args.max_steps > 0 else total
 
+def train_step(model, optimizer, scaler, micro_batches, ctx, device, max_grad_norm):
+    """ one optimizer step over micro-batches of examples: each one's mean token loss, averaged over the step, as
+    accelerate accumulates the fork's; the gradient clipped to max_grad_norm (0: not clipped). Returns the loss """
+    step_loss = 0.0
+    for examples in micro_batches:
+        x, y = collate(examples)
+        with ctx:
+            logits = model(x.to(device))
+        total, count = token_loss(logits, y.to(device))
+        loss = total / count.clamp(min=1) / len(micro_batches)
+        scaler.scale(loss).backward()
+        step_loss += loss.item()
+    scaler.unscale_(optimizer)
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
 # -----------------------------------------------------------------------------
 # models and bundles
 
@@ -380,7 +400,7 @@ def main(args):
     last_dir, best_dir = os.path.join(out, 'last'), os.path.join(out, 'best')
     for d in (last_dir, best_dir):
         recover(d)  # finish a save that a crash interrupted
-    ctx, scaler = autocast(argparse_view(args))
+    ctx, scaler = mixed_precision(args)
     model, config, spec, state = build_model(args, last_dir)
     tok = load_tokenizer(spec)
     check_vocabulary(tok, model, args.pretrained_ckpt or last_dir)
@@ -440,24 +460,10 @@ def main(args):
             order_epoch = epoch
         picked = order[b * per_step:(b + 1) * per_step]
         scale_lrs(optimizer, lr_factor(step, warmup_steps, total_steps))
-        micro = [picked[m:m + args.per_device_batch_size] for m in range(0, len(picked), args.per_device_batch_size)]
-        step_loss = 0.0
-        for rows in micro:  # each micro-batch's mean token loss, averaged over the step, as accelerate accumulates
-            x, y = collate([train[i] for i in rows])
-            with ctx:
-                logits = model(x.to(args.device))
-            total, count = token_loss(logits, y.to(args.device))
-            loss = total / count.clamp(min=1) / len(micro)
-            scaler.scale(loss).backward()
-            step_loss += loss.item()
-        scaler.unscale_(optimizer)
-        if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        micro = [[train[i] for i in picked[m:m + args.per_device_batch_size]]
+                 for m in range(0, len(picked), args.per_device_batch_size)]
+        window.append(train_step(model, optimizer, scaler, micro, ctx, args.device, args.max_grad_norm))
         step += 1
-        window.append(step_loss)
         if step % args.log_interval == 0 or step == stop_at:
             print(f"step {step}/{total_steps} (epoch {epoch + 1}): train loss {sum(window) / len(window):.4f}, lr "
                   f"{optimizer.param_groups[0]['lr']:.2e}, {(time.time() - t0) * 1000 / len(window):.0f} ms/step")
@@ -477,10 +483,11 @@ def main(args):
     print(f"best: step {summary['best_step']}, val token loss {summary['best_val_token_loss']:.4f}; written to {out}")
 
 
-def argparse_view(args):
-    """ the names finetune_hindi_xnli.autocast reads """
+def mixed_precision(args):
+    """ finetune_hindi_xnli.autocast for --mixed_precision """
     from argparse import Namespace
-    return Namespace(device=args.device, dtype=DTYPES[args.mixed_precision])
+    return autocast(Namespace(device=args.device, dtype=DTYPES[args.mixed_precision]),
+                    f'--mixed_precision {args.mixed_precision}')
 
 # -----------------------------------------------------------------------------
 # --eval_only: beam search, ROUGE, BLEU and the token loss per language
@@ -501,7 +508,7 @@ def evaluate_only(args):
     check_vocabulary(tok, model, args.model_ckpt)
     eos = eos_id(tok)
     model.eval()
-    ctx, _ = autocast(argparse_view(args))
+    ctx, _ = mixed_precision(args)
     if config:  # what the model was fine-tuned with, unless named here
         args.prompt_template = config.get('prompt_template', args.prompt_template)
     settings = {'context_len': args.context_len, 'target_max_tokens': args.target_max_tokens,
@@ -527,7 +534,7 @@ def evaluate_only(args):
             progress(lang, i + 1, len(pairs), generated, time.time() - t0)
         encoded = [e for e in (encode_pair(tok, p, settings, eos) for p in pairs) if e is not None]
         loss = evaluate_loss(model, encoded, args.batch_size_token_loss, args.device, ctx)[0]
-        scores = rouge_for_language(preds, refs, lang, args.rouge_tokenizer)
+        scores = rouge_for_language(preds, refs, lang, args.rouge_tokenizer, ipa=args.representation == 'ipa_stripped')
         row = {'language': lang, 'split': args.split, 'num_examples': len(refs), **scores, 'bleu': bleu(preds, refs),
                'token_loss': loss}
         if args.unshifted_loss:

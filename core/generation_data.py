@@ -114,19 +114,20 @@ def read_pairs(args, splits=SPLITS):
     if any(files.values()) or args.from_disk:
         if args.from_disk:
             tables, where = dataset_splits(Namespace(from_disk=True, parent_dataset=args.dataset_repo))
+            named = {s: f'{where} [{s}]' for s in tables}
         else:
             tables = {s: read_table(files[s]) for s in splits if files[s]}
-            where = 'the data files'
+            where, named = 'the data files', {s: files[s] for s in tables}
         for split in splits:
             if split not in tables:
                 raise DataError(f'{where} has no {split} split; found {", ".join(tables) or "none"}'
                                 + ('' if args.from_disk else f' (--{"valid" if split == "validation" else split}_file)'))
             one = languages[0] if len(languages) == 1 and args.language_column not in tables[split][0] else None
-            for p in pairs_of(tables[split][1], f'{where} [{split}]', source, target, args.language_column, one):
+            for p in pairs_of(tables[split][1], named[split], source, target, args.language_column, one):
                 by_split[split].setdefault(p['language'], []).append(p)
         for split, found in by_split.items():
             if not set(found) & set(languages):
-                raise DataError(f'{where} [{split}] has no rows of the languages {", ".join(languages)} (--languages); '
+                raise DataError(f'{named[split]} has no rows of the languages {", ".join(languages)} (--languages); '
                                 f'its languages: {", ".join(sorted(found))}')
             by_split[split] = {lang: found.get(lang, []) for lang in languages if lang in found}
         return by_split

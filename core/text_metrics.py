@@ -76,9 +76,9 @@ def rouge(predictions, references, tokenizer='unicode', stem=False):
     return {key: total / len(predictions) for key, total in totals.items()}
 
 
-def rouge_for_language(predictions, references, language, tokenizer='unicode'):
-    """ rouge() with Porter stemming for English only (for IPA, call rouge() without stem) """
-    return rouge(predictions, references, tokenizer, stem=language.casefold() in STEMMED_LANGUAGES)
+def rouge_for_language(predictions, references, language, tokenizer='unicode', ipa=False):
+    """ rouge() with Porter stemming for English words only: not for IPA, whose ASCII-only words are not English """
+    return rouge(predictions, references, tokenizer, stem=language.casefold() in STEMMED_LANGUAGES and not ipa)
 
 
 def bleu(predictions, references):

@@ -94,6 +94,7 @@ def test_english_stemming():
 def test_stemming_for_english_only():
     assert rouge_for_language(['cats'], ['cat'], 'english')['rouge1'] == 1.0
     assert rouge_for_language(['cats'], ['cat'], 'spanish')['rouge1'] == 0.0
+    assert rouge_for_language(['cats'], ['cat'], 'english', ipa=True)['rouge1'] == 0.0  # IPA words are not English
 
 
 def test_rouge2_and_rougeL_see_word_order():
