@@ -425,14 +425,14 @@ def same_file(a, b):
     return os.path.abspath(a) == os.path.abspath(b)
 
 
-def refuse_distributed_launch(script='finetune_hindi_xnli.py'):
+def refuse_distributed_launch():
     """ no DDP here: under torchrun every process would train its own copy and all would write the same out_dir """
     world_size = os.environ.get('WORLD_SIZE', '1')
     if world_size != '1':
-        raise SetupError(f"{script} was started as one of several processes (WORLD_SIZE={world_size}, "
+        raise SetupError(f"finetune_hindi_xnli.py was started as one of several processes (WORLD_SIZE={world_size}, "
                  f"RANK={os.environ.get('RANK')}, e.g. by torchrun), but it has no distributed (DDP) support: each "
                  'process would train its own copy of the model and all would write the same --out_dir. Run it as a '
-                 f'single process, with plain `python {script} ...`.')
+                 'single process, with plain `python finetune_hindi_xnli.py ...`.')
 
 
 def accepted_flags(args):

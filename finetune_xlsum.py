@@ -22,9 +22,10 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from finetune_hindi_xnli import autocast, lora_config, refuse_distributed_launch, same_file, scale_lrs
+from finetune_hindi_xnli import autocast, lora_config, same_file, scale_lrs
 from load_checkpoint_helper import load_pretrained_checkpoint
 from model import GPTBatched, add_modded_lora, set_modded_lora_factors
 from core.args import Parser
@@ -32,6 +33,7 @@ from core.beam_search import beam_search
 from core.bundle import rng_state, set_rng_state
 from core.classifier import MODDED_LM_KIND, read_bundle_tensors, save_classifier
 from core.cli import SetupError, check_device, run
+from core.distributed import end_process_group
 from core.commit import CheckpointError, read_json, recover, write_json
 from core.finetune_data import DataError, find_tokenizer
 from core.generation_data import (LANGUAGES, PROMPT, REPRESENTATIONS, SIZES, encode_pair, encode_prompt,
@@ -184,9 +186,12 @@ def collate(examples, pad_id=0):
 
 @torch.no_grad()
 def evaluate_loss(model, examples, batch_size, device, ctx, shifted=True):
-    """ the mean token loss over all examples, and per language """
+    """ the mean token loss over all examples, and per language (under torchrun each process scores its share) """
     model.eval()
-    sums = {}
+    languages = list(dict.fromkeys(e['language'] for e in examples))
+    sums = {lang: [0.0, 0] for lang in languages}
+    if dist.is_initialized():
+        examples = examples[dist.get_rank()::dist.get_world_size()]
     for i in range(0, len(examples), batch_size):
         batch = examples[i:i + batch_size]
         for lang in dict.fromkeys(e['language'] for e in batch): # one language's rows at a time: counted apart
@@ -195,8 +200,12 @@ def evaluate_loss(model, examples, batch_size, device, ctx, shifted=True):
             with ctx:
                 logits = model(x.to(device))
             total, count = token_loss(logits, y.to(device), shifted)
-            s = sums.setdefault(lang, [0.0, 0])
+            s = sums[lang]
             s[0], s[1] = s[0] + total.item(), s[1] + count.item()
+    if dist.is_initialized():
+        every = torch.tensor([sums[lang] for lang in languages], dtype=torch.float64, device=device)
+        dist.all_reduce(every)
+        sums = dict(zip(languages, every.tolist()))
     model.train()
     overall = sum(s for s, _ in sums.values()) / max(1, sum(n for _, n in sums.values()))
     return overall, {lang: s / max(1, n) for lang, (s, n) in sums.items()}
@@ -223,25 +232,37 @@ def lr_factor(step, warmup_steps, total_steps):
     return (total_steps - step) / max(1, total_steps - warmup_steps)
 
 
-def step_counts(args, num_train):
-    """ (steps per epoch, total steps), as the fork counts them: batches of --per_device_batch_size, steps of
-    --gradient_accumulation_steps batches, a fractional number of epochs rounded up """
-    steps_per_epoch = math.ceil(math.ceil(num_train / args.per_device_batch_size) / args.gradient_accumulation_steps)
+def step_counts(args, num_train, world=1):
+    """ (steps per epoch, total steps), as the fork counts them: batches of --per_device_batch_size on each of `world`
+    processes, steps of --gradient_accumulation_steps batches, a fractional number of epochs rounded up """
+    batches = math.ceil(num_train / (args.per_device_batch_size * world))
+    steps_per_epoch = math.ceil(batches / args.gradient_accumulation_steps)
     total = math.ceil(steps_per_epoch * args.num_train_epochs)
     return steps_per_epoch, min(total, args.max_steps) if args.max_steps > 0 else total
 
-def train_step(model, optimizer, scaler, micro_batches, ctx, device, max_grad_norm):
-    """ one optimizer step over micro-batches of examples: each one's mean token loss, averaged over the step, as
-    accelerate accumulates the fork's; the gradient clipped to max_grad_norm (0: not clipped). Returns the loss """
+def train_step(model, optimizer, scaler, micro_batches, ctx, device, max_grad_norm, step_size=None):
+    """
+    One optimizer step over micro-batches of examples: each one's mean token loss, averaged over the step's
+    step_size micro-batches (default: these; under torchrun, every process's), as accelerate accumulates the fork's;
+    the gradient clipped to max_grad_norm (0: not clipped). Returns this process's share of the step's loss.
+    """
     step_loss = 0.0
     for examples in micro_batches:
         x, y = collate(examples)
         with ctx:
             logits = model(x.to(device))
         total, count = token_loss(logits, y.to(device))
-        loss = total / count.clamp(min=1) / len(micro_batches)
+        loss = total / count.clamp(min=1) / (step_size or len(micro_batches))
         scaler.scale(loss).backward()
         step_loss += loss.item()
+    if dist.is_initialized():  # the sum of every process's share: a process without a micro-batch adds zeros
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+                dist.all_reduce(p.grad)
+        total = torch.tensor(step_loss, dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        step_loss = total.item()
     scaler.unscale_(optimizer)
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -388,29 +409,60 @@ def load_examples(args, tok, spec):
 # -----------------------------------------------------------------------------
 
 
+def start_distributed(args):
+    """ (rank, number of processes): under torchrun one process group (nccl on CUDA, gloo on a CPU), one GPU each;
+    only process 0 prints and saves """
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world == 1:
+        return 0, 1
+    if args.eval_only:
+        raise SetupError(f'--eval_only runs as one process (WORLD_SIZE={world} here): start it with plain python')
+    rank, cuda = int(os.environ['RANK']), torch.device(args.device).type == 'cuda'
+    if cuda:
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group('nccl' if cuda else 'gloo')
+    if rank:
+        sys.stdout = open(os.devnull, 'w')
+    return rank, world
+
+
 def main(args):
-    refuse_distributed_launch('finetune_xlsum.py')
+    rank, world = start_distributed(args)
+    try:
+        train(args, rank, world) if not args.eval_only else evaluate_only(args)
+    finally:
+        if dist.is_initialized():
+            end_process_group()
+
+
+def train(args, rank, world):
     for flag in ('num_workers', 'dataloader_pin_memory'):
         if getattr(args, flag) not in (4, False):
             print(f'note: --{flag} is accepted for the fork; the examples are in memory, no loader workers are used')
-    if args.eval_only:
-        return evaluate_only(args)
     torch.manual_seed(args.seed)
     out = run_dir(args)
     last_dir, best_dir = os.path.join(out, 'last'), os.path.join(out, 'best')
-    for d in (last_dir, best_dir):
-        recover(d)  # finish a save that a crash interrupted
+    if rank == 0:
+        for d in (last_dir, best_dir):
+            recover(d)  # finish a save that a crash interrupted
+    if world > 1:
+        dist.barrier()
     ctx, scaler = mixed_precision(args)
     model, config, spec, state = build_model(args, last_dir)
     tok = load_tokenizer(spec)
     check_vocabulary(tok, model, args.pretrained_ckpt or last_dir)
+    if rank:  # process 0 builds the packs (when asked to), the others read them
+        dist.barrier()
     examples, eos, top = load_examples(args, tok, spec)
+    if world > 1 and rank == 0:
+        dist.barrier()
     if top >= model.embed.num_embeddings:
         raise TokenizerError(f'the data has token id {top}, but the model has {model.embed.num_embeddings} embedding '
                              'rows: the packs were made with another tokenizer')
     train, valid = examples['train'], examples['validation']
     optimizer = make_optimizer(model, args)
-    steps_per_epoch, total_steps = step_counts(args, len(train))
+    steps_per_epoch, total_steps = step_counts(args, len(train), world)
     warmup_steps = int(total_steps * args.warmup_ratio)
     stop_at = min(total_steps, args.stop_after_steps or total_steps)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -430,8 +482,9 @@ def main(args):
         set_rng_state(state['rng'])
         print(f'resuming from {last_dir} at step {step} of {total_steps}; best validation token loss so far: '
               + ('none' if best is None else f"{best['loss']:.4f} at step {best['step']}"))
-    os.makedirs(out, exist_ok=True)
-    write_json(os.path.join(out, 'run_config.json'), vars(args))
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        write_json(os.path.join(out, 'run_config.json'), {**vars(args), 'processes': world})
 
     def training_state(val):
         return {'step': step, 'epoch': step / steps_per_epoch, 'total_steps': total_steps, 'best': best,
@@ -447,12 +500,14 @@ def main(args):
               + ', '.join(f'{k} {v:.3f}' for k, v in per_language.items()) + ')' + ('  [best]' if is_best else ''))
         if is_best:
             best = {'loss': loss, 'step': step}
-            save_classifier(best_dir, model, config, spec, training_state(val))
-        save_classifier(last_dir, model, config, spec, {**training_state(val), 'rng': rng_state()}, optimizer)
+        if rank == 0:
+            if is_best:
+                save_classifier(best_dir, model, config, spec, training_state(val))
+            save_classifier(last_dir, model, config, spec, {**training_state(val), 'rng': rng_state()}, optimizer)
 
     model.train()
     order_epoch, window, t0 = None, [], time.time()
-    per_step = args.per_device_batch_size * args.gradient_accumulation_steps
+    per_step = args.per_device_batch_size * args.gradient_accumulation_steps * world
     while step < stop_at:
         epoch, b = divmod(step, steps_per_epoch)
         if epoch != order_epoch:  # the order depends on (seed, epoch) only: a resumed run sees the same batches
@@ -462,7 +517,8 @@ def main(args):
         scale_lrs(optimizer, lr_factor(step, warmup_steps, total_steps))
         micro = [[train[i] for i in picked[m:m + args.per_device_batch_size]]
                  for m in range(0, len(picked), args.per_device_batch_size)]
-        window.append(train_step(model, optimizer, scaler, micro, ctx, args.device, args.max_grad_norm))
+        mine = micro[rank * args.gradient_accumulation_steps:(rank + 1) * args.gradient_accumulation_steps]
+        window.append(train_step(model, optimizer, scaler, mine, ctx, args.device, args.max_grad_norm, len(micro)))
         step += 1
         if step % args.log_interval == 0 or step == stop_at:
             print(f"step {step}/{total_steps} (epoch {epoch + 1}): train loss {sum(window) / len(window):.4f}, lr "
@@ -471,12 +527,14 @@ def main(args):
         if (args.eval_every_steps and (step % args.eval_every_steps == 0 or step == 1)) or step == stop_at:
             evaluate_and_save()
             t0 = time.time()
-        if args.save_every_steps and step % args.save_every_steps == 0:
+        if args.save_every_steps and step % args.save_every_steps == 0 and rank == 0:
             save_classifier(os.path.join(out, f'step_{step:07d}'), model, config, spec, training_state(None))
     if step < total_steps:
         print(f'stopped at step {step} of {total_steps} (--stop_after_steps): --resume continues from {last_dir}')
     elif state is not None and state['step'] >= total_steps:
         print(f'note: {last_dir} is already at step {step}, not below this run\'s {total_steps} steps: nothing trained')
+    if rank:
+        return
     summary = {'global_step': step, 'total_steps': total_steps, 'best_val_token_loss': best and best['loss'],
                'best_step': best and best['step'], 'output_dir': out, 'pretrained_ckpt': args.pretrained_ckpt}
     write_json(os.path.join(out, 'summary.json'), summary)

@@ -42,3 +42,21 @@ def test_the_resume_pictures_claims_hold(tmp_path):
     from bench.plot_resume import check_claims, collect
     claims = check_claims(collect(tmp_path))
     assert len(claims) == 8 and all(holds for _, holds, _ in claims), '\n'.join(map(str, claims))
+
+
+GENERATION_ROWS = ['beam search without the cache', 'generative fine-tuning step', 'LoRA rank 4: trainable parameters',
+                   'LoRA rank 4: generative step', 'LoRA rank 4: peak RSS growth']
+
+
+def test_generation_benchmark_tiny_runs_and_reports_ratios(tmp_path):
+    code, out = run_script('bench/bench_generation.py', '--size', 'tiny', '--json', tmp_path / 'generation.json',
+                           cwd=tmp_path)
+    results = json.loads((tmp_path / 'generation.json').read_text())
+    whats = [row['what'] for row in results['rows']]
+    assert len(whats) == len(GENERATION_ROWS) and all(map(str.startswith, whats, GENERATION_ROWS)), whats
+    for row in results['rows']:
+        assert row['value'] > 0 and row['limit'] > 0 and math.isfinite(row['ratio']), row
+        assert row['what'] in out # and it was printed
+    beam = results['beam'] # the cached search gave the cache-free one's sequences (else the benchmark exits non-zero)
+    assert beam['same_sequences'] and 'same sequences' in out and len(beam['generated']) == beam['prompts']
+    assert 0 < results['trainable']['lora'] < results['trainable']['full']

@@ -11,6 +11,8 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
 from contextlib import nullcontext
 
 import pytest
@@ -20,6 +22,8 @@ import torch.nn.functional as F
 import finetune_xlsum as ft
 from core.beam_search import beam_search, beam_search_without_cache
 from core.checkpoint import read_checkpoint
+from core.classifier import read_bundle_tensors
+from core.commit import read_json
 from core.generation_data import (EOS_TOKENS, encode_pair, encode_prompt, eos_id, mix, pack_settings, read_packs,
                                   subsample, write_packs)
 from core.finetune_data import DataError
@@ -29,7 +33,7 @@ from data.synthetic_xnli import round_up
 from load_checkpoint_helper import load_pretrained_checkpoint, make_random_checkpoint
 from model import GPTBatched, GPTFlexAttention, KVCache
 from test_checkpoint_loading import reference_features
-from tests.helpers import interrupted_after_first_save, run_in_process
+from tests.helpers import REPO, interrupted_after_first_save, run_in_process
 
 TINY = dict(num_layers=8, num_heads=2, model_dim=64, head_dim=32)  # layer 7 has no attention, as in every layout
 
@@ -85,6 +89,7 @@ def test_the_schedule_steps_and_optimizer_are_the_forks():
                               max_steps=-1, learning_rate=1e-3, weight_decay=0.1)
     assert ft.step_counts(args, 25) == (3, 8)  # 7 batches of 4 are 3 steps (the last of one batch); 2.5 epochs: 8
     assert ft.step_counts(argparse.Namespace(**{**vars(args), 'max_steps': 5}), 25) == (3, 5)
+    assert ft.step_counts(args, 25, world=2) == (2, 5)  # two processes: 4 batches of 2 x 4, 2 steps an epoch
     model = GPTBatched(50, 8, 2, 32, 16, head_dim=16, lm_head_rows=128)
     optimizer = ft.make_optimizer(model, args)
     assert optimizer.defaults['betas'] == (0.9, 0.95)
@@ -217,6 +222,30 @@ class Bigram(torch.nn.Module):
         return self.table[idx]
 
 
+class History(torch.nn.Module):
+    """ logits that depend on the whole sequence so far (the sum of its ids, mod 7), read from the cache when one is
+    given: a beam continued from the wrong row of the cache gets other logits """
+
+    def __init__(self, vocab=6):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(7, vocab, generator=torch.Generator().manual_seed(0)) * 1.5)
+
+    def forward(self, idx, cache=None):
+        history = idx.double()
+        if cache is not None:
+            history = cache.update(self, history[:, None, :, None], history[:, None, :, None])[0][:, 0, :, 0]
+            cache.length += idx.size(1)
+        return self.table[history.cumsum(1)[:, -idx.size(1):].long() % 7]
+
+
+def test_each_beam_continues_from_its_own_row_of_the_cache():
+    model = History()
+    for prompt in ([1], [2, 3], [5, 5, 1]):
+        for beams in (2, 3, 4):
+            assert beam_search(model, prompt, 12, beams, eos_id=None) == \
+                beam_search_without_cache(model, prompt, 12, beams, eos_id=None), (prompt, beams)
+
+
 def test_beam_search_sums_log_probabilities_and_never_emits_padding_rows():
     # after 4 (the prompt): 1 or 2 (column 5, a padding row of the head, is the likeliest: never a token); after 1
     # EOS (0) at 0.3, after 2 EOS at 0.97. Greedy takes 1 then EOS; two beams find 2 then EOS: 0.39 x 0.97 > 0.49 x 0.3
@@ -232,6 +261,15 @@ def test_beam_search_sums_log_probabilities_and_never_emits_padding_rows():
     assert beam_search_without_cache(model, [4], 5, 2, eos_id=0, vocab_size=5) == [2, 0]
     assert beam_search(model, [4], 5, 1, eos_id=0, vocab_size=None)[0] == 5  # unmasked, the padding row wins
     assert beam_search(model, [0], 2, 2, eos_id=0, vocab_size=5) != []  # a prompt ending in EOS is not an ended beam
+
+
+def test_an_ended_beam_is_carried_and_can_win():
+    # after 4: EOS at 0.45 or 1 at 0.55; after 1 the best continuation has 0.3: 0.55 x 0.3 < 0.45, so the beam that
+    # ended at the first step wins (no length penalty), as in the fork's search
+    p = [[0.2] * 5, [0.1, 0.1, 0.3, 0.25, 0.25], [0.2] * 5, [0.2] * 5, [0.45, 0.55, 0.0, 0.0, 0.0]]
+    model = Bigram([[max(x, 1e-9) for x in row] for row in p])
+    assert beam_search(model, [4], 4, 2, eos_id=0) == [0]
+    assert beam_search(model, [4], 4, 1, eos_id=0)[:2] == [1, 2]  # greedy takes 1
 
 # ----------------------------------------------------------------------------- data
 
@@ -317,7 +355,6 @@ def run(xlsum, tmp_path, monkeypatch, *extra):
 
 
 def last_weights(tmp_path, name):
-    from core.classifier import read_bundle_tensors
     return read_bundle_tensors(tmp_path / 'out-xlsum' / 'text' / 'small' / name / 'last', 'model.pt')
 
 
@@ -334,6 +371,10 @@ def test_a_cut_run_resumes_exactly_and_its_bundles_evaluate(xlsum, tmp_path, mon
     whole, cut = last_weights(tmp_path, 'whole'), last_weights(tmp_path, 'cut')
     assert max((whole[k] - cut[k]).abs().max().item() for k in whole) < 1e-6
     run_dir = tmp_path / 'out-xlsum' / 'text' / 'small' / 'whole'
+    history = read_json(run_dir / 'last' / 'training_state.json')['history']
+    assert [h['step'] for h in history] == [1, 3, 5]  # at step 1, every 3 steps and at the end, as the fork's
+    lowest = min(history, key=lambda h: h['val_loss'])
+    assert read_json(run_dir / 'best' / 'training_state.json')['step'] == lowest['step']
     assert sorted(os.listdir(run_dir)) == ['best', 'last', 'run_config.json', 'summary.json']
     assert read_checkpoint(run_dir / 'best').kind == 'modded_lm'
     if lora:
@@ -352,6 +393,28 @@ def test_a_cut_run_resumes_exactly_and_its_bundles_evaluate(xlsum, tmp_path, mon
         rows = list(csv.DictReader(f))
     assert [r['language'] for r in rows] == [*LANGUAGES, 'macro', 'weighted']
     assert abs(float(rows[6]['token_loss']) - sum(r['token_loss'] for r in report['per_language']) / 6) < 1e-9
+
+
+def test_torchrun_trains_what_one_process_trains_with_their_micro_batches_accumulated(xlsum, tmp_path, monkeypatch):
+    # two processes of one micro-batch each per step, and one process accumulating both: the same steps
+    common = flags(xlsum, '--pretrained_ckpt', xlsum.small, '--max_steps', 3, '--eval_every_steps', 2,
+                   '--per_device_batch_size', 2)
+    env = {**os.environ, 'PYTHONPATH': str(REPO), 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(REPO / 'finetune_xlsum.py'), *common, '--gradient_accumulation_steps', '1',
+                           '--run_name', 'two'], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count('eval step 2:') == 1  # one process reports
+    run(xlsum, tmp_path, monkeypatch, *common[common.index('--per_device_batch_size'):], '--pretrained_ckpt',
+        xlsum.small, '--gradient_accumulation_steps', 2, '--run_name', 'one')
+    two, one = (read_bundle_tensors(tmp_path / 'out-xlsum' / 'text' / 'model' / n / 'last', 'model.pt')
+                for n in ('two', 'one'))
+    assert max((two[k] - one[k]).abs().max().item() for k in one) < 1e-6
+    history = [read_json(tmp_path / 'out-xlsum/text/model' / n / 'last/training_state.json')['history']
+               for n in ('two', 'one')]
+    assert [h['step'] for h in history[0]] == [1, 2, 3]  # every process's share of the validation set counted
+    assert max(abs(a['val_loss'] - b['val_loss']) for a, b in zip(*history)) < 1e-6
+    assert json.loads((tmp_path / 'out-xlsum/text/model/two/run_config.json').read_text())['processes'] == 2
 
 
 def test_the_pretraining_checkpoint_evaluates_directly(xlsum, tmp_path, monkeypatch, capsys):

@@ -21,6 +21,7 @@ ENGLISH = [
     ('the cat sat on the mat', 'a cat was sitting on the mat'),
     ('police arrested two men after the robbery', 'two men were arrested by police following a robbery'),
     ('Stocks fell sharply on Monday, traders said.', 'shares dropped on monday'),
+    ('the cats were running', 'the cat was runs'),  # scored differently stemmed: the fork's ROUGE stems
 ]
 
 
