@@ -9,7 +9,7 @@ layout) into GPTBatched for fine-tuning, with explicit rules instead of strict=F
 Everything is read from the file: the layout from its keys, vocab size from embed.weight, dimensions from the
 tensor shapes. The one thing no shape tells is the head count: it comes from the num_heads argument or the
 table of known models, and otherwise loading stops with a clear error (a guess gives a wrong forward).
-The rules: `_orig_mod.` stripped, the lm head dropped (fine-tuning puts its own head on the features),
+The rules: `_orig_mod.` stripped, the lm head dropped (a task head goes on the features; lm_head=True keeps it),
 scalars checked (at least 5L values, any padding all 1.0) and cut to 5L, small keys mapped to the medium
 layout (model.small_to_medium_state_dict), then a strict load.
 """

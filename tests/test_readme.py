@@ -27,8 +27,9 @@ from configurator import apply_config
 from tests.helpers import GPT2_BPE, REPO, SHARED, TIKTOKEN_CACHE, train_defaults
 
 # read in this order, as one document: a page's commands may use what an earlier page's made
-DOCUMENTS = ['README.md'] + [f'docs/{name}.md' for name in ('resume', 'tools', 'huggingface', 'finetuning', 'reliability',
-                                                            'scaling', 'performance', 'data', 'python_api', 'tests')]
+DOCUMENTS = ['README.md'] + [f'docs/{name}.md' for name in ('resume', 'tools', 'huggingface', 'finetuning', 'generation',
+                                                            'reliability', 'scaling', 'performance', 'data', 'python_api',
+                                                            'tests')]
 
 SCALE = 50
 TRAIN_SIZE = ['--eval_iters', '2', '--batch_size', '4', '--block_size', '32', '--n_layer', '2', '--n_embd', '64']
@@ -46,6 +47,8 @@ PARSE_ONLY = {
     'python bench/plot_resume.py': 'tests/test_bench.py runs the same runs and asserts its claims (drawing them needs '
                                    'matplotlib, requirements-bench.txt)',
     'python bench/gpu_check.py --device cuda': 'needs a GPU; --device cpu runs the same script at tiny sizes',
+    'python bench/bench_generation.py': 'about a minute of timings; tests/test_bench.py runs --size tiny and checks every '
+                                        'row',
     'python bench/bench_finetune_lora.py': 'two 45-step fine-tunes of a 128-wide model (~30 s); its figures are '
                                            'timings, which vary by machine',
     'python train.py config/finetune_shakespeare': "downloads GPT-2 XL (6 GB); tests/test_gpt2_init.py runs both "
@@ -55,7 +58,7 @@ PARSE_ONLY = {
 }
 # commands that need GPT-2 BPE (tiktoken's files): without them here, and offline, only parse-checked
 NEEDS_GPT2_BPE = ('python data/prepare.py --dataset shakespeare --',)
-EXPECTED = dict(run=55, parse_only=15, installed=4, snippets=6, expected_failures=3)
+EXPECTED = dict(run=59, parse_only=16, installed=4, snippets=7, expected_failures=3)
 KEY_LINE = re.compile(r'^(Format:|resume check|=== |fault injection summary|fault class|Location:|Trained with adapters:|'
                       r'Optimizer state:|OK:|FAILED:|error:)|\|diff\||\|logits difference\||\|features difference\|')
 
