@@ -88,7 +88,7 @@ def get_args(argv=None):
     a('--resume', action='store_true', help='continue from <run dir>/last exactly where it stopped')
     a('--stop_after_steps', type=int, help='stop after this many steps in all, as if interrupted (the schedule stays '
       'that of the whole run): --resume goes on')
-    a('--n_head', type=int, help="the head count, for a checkpoint whose (layers, dim) is not in the size table")
+    a('--n_head', type=int, help="the head count (default: --size's, else the known table's)")
     a('--from_disk', action='store_true', help='--dataset_repo is a save_to_disk DatasetDict with a language column')
     a('--train_file'); a('--valid_file'); a('--test_file')
     a('--source_column'); a('--target_column')
@@ -309,7 +309,8 @@ def load_any(path, args, device):
     if os.path.isdir(path):
         model, config, spec = load_bundle(path, device)
         return model, config, spec, config.get('pretrained')
-    model, info, _ = load_pretrained_checkpoint(path, device=device, num_heads=args.n_head,
+    heads = args.n_head or (SIZES[args.size][1] if args.size else None)  # the fork's table gives the heads too
+    model, info, _ = load_pretrained_checkpoint(path, device=device, num_heads=heads,
                                                 max_seq_len=args.context_len, lm_head=True)
     keep = ('format', 'num_layers', 'num_heads', 'model_dim', 'head_dim', 'vocab_size', 'step', 'val_loss')
     return model, None, None, {'path': path, **{k: info[k] for k in keep}}

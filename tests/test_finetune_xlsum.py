@@ -417,6 +417,38 @@ def test_torchrun_trains_what_one_process_trains_with_their_micro_batches_accumu
     assert json.loads((tmp_path / 'out-xlsum/text/model/two/run_config.json').read_text())['processes'] == 2
 
 
+def test_the_forks_command_lines_run_unchanged(xlsum, tmp_path, monkeypatch, capsys):
+    # every flag of train_gpt_xlsum_sft_accelerate.py and evaluate_xlsum_generation.py, with paths and sizes adjusted;
+    # the tiny checkpoint stands for a small one, whose heads come from the --size table
+    monkeypatch.setitem(ft.SIZES, 'small', (8, 2, 64))
+    out = tmp_path / 'models'
+    train = ['--dataset_repo', xlsum.xlsum, '--dataset_cache_dir', tmp_path / 'cache', '--packed_data_dir',
+             tmp_path / 'packs', '--build_packs_if_missing', '--representation', 'ipa_stripped', '--size', 'small',
+             '--mix_mode', 'natural', '--tokenizer_json', xlsum.tokenizer, '--pretrained_ckpt', xlsum.small,
+             '--context_len', 96, '--target_max_tokens', 16, '--num_train_epochs', 1, '--max_steps', 2,
+             '--train_sample_frac', 0.25, '--per_device_batch_size', 1, '--gradient_accumulation_steps', 4,
+             '--learning_rate', 1e-5, '--weight_decay', 0.01, '--warmup_ratio', 0.06, '--max_grad_norm', 1.0,
+             '--eval_every_steps', 200, '--save_every_steps', 1, '--num_workers', 4, '--dataloader_pin_memory',
+             '--mixed_precision', 'bf16', '--seed', 42, '--output_root', out, '--run_name', 'fork']
+    code, text = run_in_process('finetune_xlsum.py', *train, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, text
+    run_dir = out / 'ipa_stripped' / 'small' / 'fork'
+    assert sorted(os.listdir(run_dir)) == ['best', 'last', 'run_config.json', 'step_0000001', 'step_0000002',
+                                           'summary.json']
+    assert json.loads((tmp_path / 'packs' / 'metadata.json').read_text())['representation'] == 'ipa_stripped'
+    evaluate = ['--model_ckpt', run_dir / 'best', '--representation', 'ipa_stripped', '--size', 'small',
+                '--dataset_repo', xlsum.xlsum, '--dataset_cache_dir', tmp_path / 'cache', '--split', 'test',
+                '--tokenizer_json', xlsum.tokenizer, '--context_len', 96, '--target_max_tokens', 16,
+                '--max_new_tokens', 4, '--num_beams', 4, '--max_eval_samples_per_lang', 1, '--batch_size_token_loss', 4,
+                '--device', 'cpu', '--output_json', tmp_path / 'e.json', '--output_csv', tmp_path / 'e.csv']
+    code, text = run_in_process('finetune_xlsum.py', '--eval_only', *evaluate, cwd=tmp_path, monkeypatch=monkeypatch,
+                                capsys=capsys)
+    assert code == 0, text
+    report = json.loads((tmp_path / 'e.json').read_text(encoding='utf-8'))
+    assert report['representation'] == 'ipa_stripped' and (tmp_path / 'e.csv').exists()
+    assert any(ord(c) > 127 for e in report['examples'] for c in e['reference'])  # IPA references: ə, ʃ, ...
+
+
 def test_the_pretraining_checkpoint_evaluates_directly(xlsum, tmp_path, monkeypatch, capsys):
     code, text = run_in_process('finetune_xlsum.py', '--eval_only', '--model_ckpt', xlsum.medium, '--n_head', 2,
                                 '--tokenizer_json', xlsum.tokenizer, '--dataset_repo', xlsum.disk, '--from_disk',
