@@ -32,7 +32,7 @@ from load_checkpoint_helper import load_pretrained_checkpoint
 from model import add_modded_lora, set_modded_lora_factors
 from core.args import Parser
 from core.bundle import rng_state, set_rng_state
-from core.classifier import CLASSIFIER_KIND, read_bundle_tensors, save_classifier
+from core.classifier import CLASSIFIER_KIND, lora_config, read_bundle_tensors, save_classifier
 from core.cli import DEFAULT_DTYPE, DTYPES, SetupError, check_device, run, start_wandb
 from core.commit import CheckpointError, is_plain_name, read_json, recover, write_json
 from core.finetune_data import (LABELS, DataError, dataset_splits, find_tokenizer, load_splits,
@@ -333,13 +333,6 @@ def load_classifier(path, device='cpu'):
     except RuntimeError as e:
         raise CheckpointError(f'{path}/model.pt does not fit its config.json: {str(e).splitlines()[0]}') from None
     return model.to(device), config, read_json(os.path.join(path, 'tokenizer.json'))
-
-
-def lora_config(args):
-    """ this run's adapters as config.json records them: None for full fine-tuning """
-    if not args.lora_rank:
-        return None
-    return {'rank': args.lora_rank, 'alpha': args.lora_alpha if args.lora_alpha is not None else float(args.lora_rank)}
 
 
 def bundle_config(info, arch, args, names=LABELS):

@@ -25,16 +25,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from finetune_hindi_xnli import autocast, lora_config, same_file, scale_lrs
-from load_checkpoint_helper import load_pretrained_checkpoint
-from model import GPTBatched, add_modded_lora, set_modded_lora_factors
+from finetune_hindi_xnli import autocast, same_file, scale_lrs
 from core.args import Parser
 from core.beam_search import beam_search
 from core.bundle import rng_state, set_rng_state
-from core.classifier import MODDED_LM_KIND, read_bundle_tensors, save_classifier
+from core.classifier import lora_config
+from core.generative_models import family_of
 from core.cli import SetupError, check_device, run
 from core.distributed import end_process_group
-from core.commit import CheckpointError, read_json, recover, write_json
+from core.commit import CheckpointError, recover, write_json
 from core.finetune_data import DataError, find_tokenizer
 from core.generation_data import (LANGUAGES, PROMPT, REPRESENTATIONS, SIZES, encode_pair, encode_prompt,
                                   encode_split, eos_id, pack_settings, read_packs, read_pairs, training_pairs,
@@ -42,7 +41,6 @@ from core.generation_data import (LANGUAGES, PROMPT, REPRESENTATIONS, SIZES, enc
 from core.text_metrics import bleu, rouge_for_language
 from core.tokenizer import TokenizerError, load_tokenizer
 
-FORMAT_VERSION = 1
 DTYPES = {'no': 'float32', 'fp16': 'float16', 'bf16': 'bfloat16'}  # --mixed_precision -> autocast dtype
 
 
@@ -272,59 +270,18 @@ def train_step(model, optimizer, scaler, micro_batches, ctx, device, max_grad_no
     return step_loss
 
 # -----------------------------------------------------------------------------
-# models and bundles
+# models: a modded-nanogpt checkpoint or our GPT (core/generative_models.py: how each is read, run and saved)
 
 
-def model_config(model, info, args):
-    """ config.json: what it takes to rebuild the GPTBatched with its head, without the pretraining file """
-    return {'format_version': FORMAT_VERSION, 'kind': MODDED_LM_KIND, 'vocab_size': model.embed.num_embeddings,
-            'lm_head_rows': model.lm_head_w.size(0), 'num_layers': len(model.blocks), 'num_heads': model.num_heads,
-            'model_dim': model.model_dim, 'head_dim': model.head_dim, 'max_seq_len': args.context_len,
-            'arch': model.arch, 'lora': lora_config(args), 'representation': args.representation, 'size': args.size,
-            'prompt_template': args.prompt_template, 'target_max_tokens': args.target_max_tokens,
-            'languages': list(args.languages), 'pretrained': info}
-
-
-def load_bundle(path, device='cpu'):
-    """ (GPTBatched with its LM head, config, tokenizer spec) of a best/ or last/ this script wrote """
-    recover(path)
-    config = read_json(os.path.join(path, 'config.json'))
-    if config.get('kind') != MODDED_LM_KIND:
-        raise CheckpointError(f'{path}/config.json says kind {config.get("kind")!r}; expected {MODDED_LM_KIND!r}, a '
-                              'bundle finetune_xlsum.py writes')
-    try:
-        model = GPTBatched(config['vocab_size'], config['num_layers'], config['num_heads'], config['model_dim'],
-                           config['max_seq_len'], config['head_dim'], config['arch'], config['lm_head_rows'])
-    except KeyError as e:
-        raise CheckpointError(f'{path}/config.json has no {e} field; expected the config finetune_xlsum.py writes') from None
-    try:
-        model.load_state_dict(read_bundle_tensors(path, 'model.pt'))
-    except RuntimeError as e:
-        raise CheckpointError(f'{path}/model.pt does not fit its config.json: {str(e).splitlines()[0]}') from None
-    return model.to(device), config, read_json(os.path.join(path, 'tokenizer.json'))
-
-
-def load_any(path, args, device):
-    """ (model, config or None, tokenizer spec or None, info): a bundle of ours, or a pretraining checkpoint """
-    if os.path.isdir(path):
-        model, config, spec = load_bundle(path, device)
-        return model, config, spec, config.get('pretrained')
-    heads = args.n_head or (SIZES[args.size][1] if args.size else None)  # the fork's table gives the heads too
-    model, info, _ = load_pretrained_checkpoint(path, device=device, num_heads=heads,
-                                                max_seq_len=args.context_len, lm_head=True)
-    keep = ('format', 'num_layers', 'num_heads', 'model_dim', 'head_dim', 'vocab_size', 'step', 'val_loss')
-    return model, None, None, {'path': path, **{k: info[k] for k in keep}}
-
-
-def check_size(args, model, source):
-    got = (len(model.blocks), model.num_heads, model.model_dim)
+def check_size(args, family, model, source):
+    got = family.shape(model)
     if args.size and SIZES[args.size] != got:
         raise CheckpointError(f'--size {args.size} expects (layers, heads, dim) = {SIZES[args.size]}, but {source} has '
                               f'{got}: name its own size (or drop --size: the shape is read from the checkpoint)')
 
 
 def tokenizer_for(args, spec, source):
-    """ the tokenizer: --tokenizer_json, else the one the bundle stored; checked against the embedding rows later """
+    """ the tokenizer: --tokenizer_json, else the one the checkpoint stored """
     if args.tokenizer_json:
         given = find_tokenizer(args.tokenizer_json)[0]
         if spec is not None and given != spec:
@@ -336,46 +293,38 @@ def tokenizer_for(args, spec, source):
     return spec
 
 
-def check_vocabulary(tok, model, source):
-    if tok.vocab_size > model.embed.num_embeddings:
+def check_vocabulary(tok, family, model, source):
+    if tok.vocab_size > family.vocab_rows(model):
         raise TokenizerError(f'the tokenizer has {tok.vocab_size} tokens, but {source} has only '
-                             f'{model.embed.num_embeddings} embedding rows: it is not the tokenizer this checkpoint '
+                             f'{family.vocab_rows(model)} embedding rows: it is not the tokenizer this checkpoint '
                              'was pretrained with (--tokenizer_json)')
 
 
+def load_model(path, args, lora=None):
+    """ (family, Loaded, tokenizer spec) of the checkpoint at path, checked against --size and the tokenizer """
+    family = family_of(path)
+    loaded = family.load(path, args, args.device, lora)
+    check_size(args, family, loaded.model, path)
+    spec = tokenizer_for(args, loaded.spec, path)
+    return family, loaded, spec
+
+
 def build_model(args, last_dir):
-    """ (model, config, tokenizer spec, training state or None): from last/ on --resume, else --pretrained_ckpt """
+    """ (family, Loaded, tokenizer spec, training state or None): from last/ on --resume, else --pretrained_ckpt """
     resuming = args.resume and os.path.isdir(last_dir)
     if args.resume and not resuming:
         print(f'--resume: nothing in {last_dir} yet, starting from the pretrained checkpoint')
     if not resuming and not args.pretrained_ckpt:
         raise CheckpointError(f'nothing to resume in {last_dir}; name --pretrained_ckpt')
-    source = last_dir if resuming else args.pretrained_ckpt
-    model, config, spec, info = load_any(source, args, args.device)
-    state = None
-    if resuming:
-        started = (info or {}).get('path')
-        if args.pretrained_ckpt and started and not same_file(args.pretrained_ckpt, started):
-            raise CheckpointError(f'--resume continues {last_dir}, which was fine-tuned from {started}, but '
-                                  f'--pretrained_ckpt names {args.pretrained_ckpt}: drop --pretrained_ckpt to continue '
-                                  'that run, or start the new one with another --run_name (or without --resume)')
-        if args.context_len > config['max_seq_len']:
-            raise CheckpointError(f"--context_len {args.context_len} exceeds the {config['max_seq_len']} positions "
-                                  f'{last_dir} was built for')
-        state = read_json(os.path.join(last_dir, 'training_state.json'))
-    check_size(args, model, source)
-    spec = tokenizer_for(args, spec, source)
-    saved, wanted = (config or {}).get('lora'), lora_config(args)
-    if wanted:
-        add_modded_lora(model, wanted['rank'], wanted['alpha'])
-    if resuming and wanted and wanted == saved:
-        set_modded_lora_factors(model, read_bundle_tensors(last_dir, 'adapter.pt'))
-    elif resuming and wanted != saved:
-        describe = lambda c: f"LoRA rank {c['rank']} alpha {c['alpha']}" if c else 'full fine-tuning'
-        print(f'note: {last_dir} was trained with {describe(saved)}, this run asks for {describe(wanted)}: the merged '
-              'weights go on with fresh adapters (if any) and a fresh optimizer state')
-        state = {**state, 'fresh_optimizer': True}
-    return model.to(args.device), model_config(model, info, args), spec, state
+    family, loaded, spec = load_model(last_dir if resuming else args.pretrained_ckpt, args, lora_config(args))
+    if not resuming:
+        return family, loaded, spec, None
+    started = (loaded.info or {}).get('path')
+    if args.pretrained_ckpt and started and not same_file(args.pretrained_ckpt, started):
+        raise CheckpointError(f'--resume continues {last_dir}, which was fine-tuned from {started}, but '
+                              f'--pretrained_ckpt names {args.pretrained_ckpt}: drop --pretrained_ckpt to continue that '
+                              'run, or start the new one with another --run_name (or without --resume)')
+    return family, loaded, spec, loaded.state
 
 # -----------------------------------------------------------------------------
 # data
@@ -450,16 +399,17 @@ def train(args, rank, world):
     if world > 1:
         dist.barrier()
     ctx, scaler = mixed_precision(args)
-    model, config, spec, state = build_model(args, last_dir)
+    family, loaded, spec, state = build_model(args, last_dir)
+    model = loaded.model
     tok = load_tokenizer(spec)
-    check_vocabulary(tok, model, args.pretrained_ckpt or last_dir)
+    check_vocabulary(tok, family, model, args.pretrained_ckpt or last_dir)
     if rank:  # process 0 builds the packs (when asked to), the others read them
         dist.barrier()
     examples, eos, top = load_examples(args, tok, spec)
     if world > 1 and rank == 0:
         dist.barrier()
-    if top >= model.embed.num_embeddings:
-        raise TokenizerError(f'the data has token id {top}, but the model has {model.embed.num_embeddings} embedding '
+    if top >= family.vocab_rows(model):
+        raise TokenizerError(f'the data has token id {top}, but the model has {family.vocab_rows(model)} embedding '
                              'rows: the packs were made with another tokenizer')
     train, valid = examples['train'], examples['validation']
     optimizer = make_optimizer(model, args)
@@ -467,14 +417,14 @@ def train(args, rank, world):
     warmup_steps = int(total_steps * args.warmup_ratio)
     stop_at = min(total_steps, args.stop_after_steps or total_steps)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f'trainable: {trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters ('
-          + (f"LoRA rank {config['lora']['rank']} on attention and MLP)" if config['lora'] else 'full fine-tuning)'))
+    lora = lora_config(args)
+    print(f'trainable: {trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters of a '
+          f'{family.name} model (' + (f"LoRA rank {lora['rank']} on attention and MLP)" if lora else 'full fine-tuning)'))
     step, best, history = 0, None, []
     if state is not None:
-        if not state.get('fresh_optimizer'):
-            fresh = [dict(g) for g in optimizer.param_groups]
-            optimizer.load_state_dict(read_bundle_tensors(last_dir, 'optimizer.pt'))
-            for g, f in zip(optimizer.param_groups, fresh):  # this run's lr and decay, the checkpoint's moments
+        groups = [dict(g) for g in optimizer.param_groups]
+        if family.load_optimizer(optimizer, last_dir, model, loaded.fresh):
+            for g, f in zip(optimizer.param_groups, groups):  # this run's lr and decay, the checkpoint's moments
                 g.update(base_lr=f['base_lr'], weight_decay=f['weight_decay'])
         step, best, history = state['step'], state.get('best'), state.get('history', [])
         if (state.get('data'), state.get('total_steps')) != (pack_settings(args, eos, spec), total_steps):
@@ -503,8 +453,9 @@ def train(args, rank, world):
             best = {'loss': loss, 'step': step}
         if rank == 0:
             if is_best:
-                save_classifier(best_dir, model, config, spec, training_state(val))
-            save_classifier(last_dir, model, config, spec, {**training_state(val), 'rng': rng_state()}, optimizer)
+                family.save(best_dir, model, spec, args, loaded.info, training_state(val))
+            family.save(last_dir, model, spec, args, loaded.info, {**training_state(val), 'rng': rng_state()},
+                        optimizer)
 
     model.train()
     order_epoch, window, t0 = None, [], time.time()
@@ -529,7 +480,7 @@ def train(args, rank, world):
             evaluate_and_save()
             t0 = time.time()
         if args.save_every_steps and step % args.save_every_steps == 0 and rank == 0:
-            save_classifier(os.path.join(out, f'step_{step:07d}'), model, config, spec, training_state(None))
+            family.save(os.path.join(out, f'step_{step:07d}'), model, spec, args, loaded.info, training_state(None))
     if step < total_steps:
         print(f'stopped at step {step} of {total_steps} (--stop_after_steps): --resume continues from {last_dir}')
     elif state is not None and state['step'] >= total_steps:
@@ -560,16 +511,15 @@ def progress(lang, done, total, tokens, seconds):
 
 
 def evaluate_only(args):
-    model, config, spec, info = load_any(args.model_ckpt, args, args.device)
-    check_size(args, model, args.model_ckpt)
-    spec = tokenizer_for(args, spec, args.model_ckpt)
+    family, loaded, spec = load_model(args.model_ckpt, args)
+    model, info = loaded.model, loaded.info
     tok = load_tokenizer(spec)
-    check_vocabulary(tok, model, args.model_ckpt)
+    check_vocabulary(tok, family, model, args.model_ckpt)
     eos = eos_id(tok)
     model.eval()
     ctx, _ = mixed_precision(args)
-    if config:  # what the model was fine-tuned with, unless named here
-        args.prompt_template = config.get('prompt_template', args.prompt_template)
+    # the prompt the model was fine-tuned with
+    args.prompt_template = (loaded.state.get('args') or {}).get('prompt_template', args.prompt_template)
     settings = {'context_len': args.context_len, 'target_max_tokens': args.target_max_tokens,
                 'prompt_template': args.prompt_template}
     vocab = tok.vocab_size

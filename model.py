@@ -336,8 +336,9 @@ class GPT(nn.Module):
             is_norm_or_bias = name.endswith('.bias') or '.ln_' in name
             p.requires_grad = (not lora) or is_factor or (self.config.lora_train_norms_biases and is_norm_or_bias)
 
-    def forward(self, idx, targets=None, cache=None):
-        """ cache: a KVCache holding the positions before idx's (generation), filled with idx's on the way """
+    def forward(self, idx, targets=None, cache=None, every_position=False):
+        """ cache: a KVCache holding the positions before idx's (generation), filled with idx's on the way;
+        every_position: the logits of every position without targets (a fine-tune with a loss of its own) """
         device = idx.device
         b, t = idx.size()
         start = cache.length if cache is not None else 0
@@ -354,7 +355,7 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += t
 
-        if targets is None:
+        if targets is None and not every_position:
             # inference-time mini-optimization: only forward the lm_head on the very last position
             x = x[:, [-1], :] # note: using list [-1] to preserve the time dim
         logits = self.lm_head(x)

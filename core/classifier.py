@@ -34,6 +34,13 @@ def save_classifier(path, model, config, tokenizer_spec, state, optimizer=None):
     commit_directory(path, write_files, replaces=BUNDLE_FILES)
 
 
+def lora_config(args):
+    """ a run's adapters (--lora_rank, --lora_alpha) as config.json records them: None for full fine-tuning """
+    if not args.lora_rank:
+        return None
+    return {'rank': args.lora_rank, 'alpha': args.lora_alpha if args.lora_alpha is not None else float(args.lora_rank)}
+
+
 def read_bundle_tensors(path, name):
     return load_verified(path, name, check_sizes(path, editable=JSON_FILES)) # sizes, then checksum, then load
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import core.generative_models as generative_models
 import finetune_xlsum as ft
 from core.beam_search import beam_search, beam_search_without_cache
 from core.checkpoint import read_checkpoint
@@ -31,9 +32,10 @@ from core.tokenizer import hf_spec_from_file, load_tokenizer
 from data.synthetic_xlsum import LANGUAGES, make_xlsum_data
 from data.synthetic_xnli import round_up
 from load_checkpoint_helper import load_pretrained_checkpoint, make_random_checkpoint
-from model import GPTBatched, GPTFlexAttention, KVCache
+from core.bundle import save_bundle
+from model import GPT, GPTBatched, GPTConfig, GPTFlexAttention, KVCache
 from test_checkpoint_loading import reference_features
-from tests.helpers import REPO, interrupted_after_first_save, run_in_process
+from tests.helpers import REPO, run_in_process
 
 TINY = dict(num_layers=8, num_heads=2, model_dim=64, head_dim=32)  # layer 7 has no attention, as in every layout
 
@@ -48,7 +50,10 @@ def xlsum(tmp_path_factory):
     small = make_random_checkpoint(root / 'small.pt', vocab_size=vocab, **TINY)
     medium = make_random_checkpoint(root / 'medium.pt', layout='medium', vocab_size=tok.vocab_size, num_layers=12,
                                     num_heads=2, model_dim=64, head_dim=32)
-    return argparse.Namespace(root=root, tok=tok, vocab=vocab, small=small, medium=medium, **paths)
+    torch.manual_seed(0)  # one of our GPTs, as train.py saves it, with the data's tokenizer
+    gpt = save_bundle(root / 'gpt', GPT(GPTConfig(vocab_size=vocab, block_size=128, n_layer=2, n_head=2, n_embd=32)), 0,
+                      tokenizer=hf_spec_from_file(paths['tokenizer']))
+    return argparse.Namespace(root=root, tok=tok, vocab=vocab, small=small, medium=medium, gpt=gpt, **paths)
 
 
 def flags(xlsum, *extra):
@@ -348,6 +353,22 @@ def test_packs_are_read_back_and_refused_when_built_with_other_settings(xlsum, t
 # ----------------------------------------------------------------------------- end to end
 
 
+def cut_after_first_save(monkeypatch, family, run):
+    """ run() with the family's save crashing right after its first save of a last/: a run cut at its first
+    evaluation, its last/ complete """
+    class Crash(Exception):
+        pass
+    save = family.save
+    def save_then_crash(path, *args, **kwargs):
+        save(path, *args, **kwargs)
+        if os.path.basename(path) == 'last':
+            raise Crash
+    monkeypatch.setattr(family, 'save', staticmethod(save_then_crash))
+    with pytest.raises(Crash):
+        run()
+    monkeypatch.setattr(family, 'save', staticmethod(save))
+
+
 def run(xlsum, tmp_path, monkeypatch, *extra):
     monkeypatch.chdir(tmp_path)
     with torch.random.fork_rng(devices=[]):
@@ -364,7 +385,8 @@ def test_a_cut_run_resumes_exactly_and_its_bundles_evaluate(xlsum, tmp_path, mon
               *(['--lora_rank', 4] if lora else [])]
     monkeypatch.setitem(ft.SIZES, 'small', (8, 2, 64))  # the tiny checkpoint stands for a small one
     run(xlsum, tmp_path, monkeypatch, *common, '--run_name', 'whole')
-    interrupted_after_first_save(monkeypatch, ft, lambda: run(xlsum, tmp_path, monkeypatch, *common, '--run_name', 'cut'))
+    cut_after_first_save(monkeypatch, generative_models.ModdedLM,
+                         lambda: run(xlsum, tmp_path, monkeypatch, *common, '--run_name', 'cut'))
     run(xlsum, tmp_path, monkeypatch, *common, '--run_name', 'cut', '--resume')
     out = capsys.readouterr().out
     assert 'resuming from' in out and 'at step 1 of 5' in out
@@ -393,6 +415,37 @@ def test_a_cut_run_resumes_exactly_and_its_bundles_evaluate(xlsum, tmp_path, mon
         rows = list(csv.DictReader(f))
     assert [r['language'] for r in rows] == [*LANGUAGES, 'macro', 'weighted']
     assert abs(float(rows[6]['token_loss']) - sum(r['token_loss'] for r in report['per_language']) / 6) < 1e-9
+
+
+def test_our_gpt_fine_tunes_resumes_exactly_with_lora_and_its_bundles_serve_every_tool(xlsum, tmp_path, monkeypatch,
+                                                                                       capsys):
+    common = ['--pretrained_ckpt', xlsum.gpt, '--max_steps', 4, '--eval_every_steps', 2, '--lora_rank', 4,
+              '--lora_alpha', 8]
+    run(xlsum, tmp_path, monkeypatch, *common, '--run_name', 'whole')
+    cut_after_first_save(monkeypatch, generative_models.OurGPT,
+                         lambda: run(xlsum, tmp_path, monkeypatch, *common, '--run_name', 'cut'))
+    run(xlsum, tmp_path, monkeypatch, *common, '--run_name', 'cut', '--resume')
+    assert 'of a GPT model (LoRA rank 4' in capsys.readouterr().out
+    runs = tmp_path / 'out-xlsum' / 'text' / 'model'
+    whole, cut = (read_checkpoint(runs / name / 'last').weights() for name in ('whole', 'cut'))
+    assert max((whole[k] - cut[k]).abs().max().item() for k in whole) < 1e-6
+    best = read_checkpoint(runs / 'whole' / 'best')
+    assert best.kind == 'bundle' and best.training_state['step'] == 4
+    adapter = best.training_state['adapter']  # what the run trained with: LoRA on attention and MLP, as --lora_rank says
+    assert (adapter['attn_lora_rank'], adapter['mlp_lora_rank'], adapter['lora_alpha']) == (4, 4, 8.0)
+    with torch.no_grad():  # the logits the fine-tune scored are GPT's own at every position
+        gpt = best.build_model()[0].eval()
+        ids = torch.randint(0, 1500, (2, 9))
+        assert torch.equal(generative_models.GPTLogits(gpt)(ids), gpt(ids, targets=ids)[0])
+    code, text = run_in_process('generate.py', '--checkpoint', runs / 'whole' / 'best', '--num_samples', 1,
+                                '--max_new_tokens', 5, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, text
+    code, text = run_in_process('finetune_xlsum.py', '--eval_only', '--model_ckpt', runs / 'whole' / 'best',
+                                '--dataset_repo', xlsum.xlsum, '--context_len', 96, '--max_new_tokens', 4,
+                                '--max_eval_samples_per_lang', 1, '--output_json', tmp_path / 'g.json', cwd=tmp_path,
+                                monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0, text
+    assert len(json.loads((tmp_path / 'g.json').read_text(encoding='utf-8'))['per_language']) == 6
 
 
 def test_torchrun_trains_what_one_process_trains_with_their_micro_batches_accumulated(xlsum, tmp_path, monkeypatch):
