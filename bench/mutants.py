@@ -84,7 +84,8 @@ TESTS = {
         'tests/test_bad_input.py::test_bad_input_exits_1_with_one_clear_message[finetune_hindi_xnli.py: abbreviated flag]',
         'tests/test_bad_input.py::test_bad_input_exits_1_with_one_clear_message[generate.py: --top_k 0]',
         'test_checkpoint_loading.py::test_command_line'],
-    'core/checkpoint.py': ['tests/test_sampling.py::test_sample_py_takes_the_vocabulary_of_a_checkpoint_that_stores_none'],
+    'core/checkpoint.py': ['tests/test_sampling.py::test_meta_names_the_vocabulary_of_every_kind',
+                           'tests/test_sampling.py::test_sample_py_takes_the_vocabulary_of_a_checkpoint_that_stores_none'],
     'data/prepare.py': ['tests/test_data.py'],
     'finetune_xlsum.py': ['tests/test_finetune_xlsum.py'],
     'core/generation_data.py': ['tests/test_finetune_xlsum.py'],
@@ -521,8 +522,11 @@ MUTANTS = [
     ('core/args.py', "difflib.get_close_matches(flag.split('=')[0], options, n=1)]", "difflib.get_close_matches(flag, [], n=1)]",
      "no near option named for a misspelt one"),
     ('core/args.py', "if value < minimum:", "if value < minimum - 1:", "a number one below the least accepted"),
-    # core/checkpoint.py: --meta for a checkpoint that stores no vocabulary
-    ('core/checkpoint.py', "if meta_path and ck.tokenizer is None:", "if False:", "--meta ignored for a bundle without a vocabulary"),
+    # core/checkpoint.py: --meta, for every kind
+    ('core/checkpoint.py', 'if meta_path: # a vocabulary named on the command line wins, whatever the checkpoint stores',
+     'if False:', '--meta ignored'),
+    ('core/checkpoint.py', 'if meta_path: # a vocabulary named on the command line wins, whatever the checkpoint stores',
+     'if meta_path and ck.tokenizer is None:', '--meta ignored where the checkpoint stores a vocabulary'),
     ('sample.py', "    meta=None, # a vocabulary", "    # a vocabulary", "sample.py has no --meta"),
     # core/peft_adapter.py: more of peft's layout
     ('core/peft_adapter.py', "'r': r, 'lora_alpha': config.lora_alpha,",

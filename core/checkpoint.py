@@ -84,9 +84,10 @@ def read_checkpoint(path, legacy_file=None, meta_path=None):
     ck = KINDS[kind].read(found_path, meta_path)
     if KINDS[kind].committed and Path(found_path) != Path(path):
         ck.notes.append(f'the last save to {path} was interrupted; read the complete checkpoint it left in {found_path}')
-    if meta_path and ck.tokenizer is None: # (single files and Hugging Face directories look for --meta themselves)
-        ck.tokenizer = read_meta_file(meta_path)
-        ck.notes.append(f'tokenizer: read from {meta_path}')
+    if meta_path: # a vocabulary named on the command line wins, whatever the checkpoint stores
+        stored, ck.tokenizer = ck.tokenizer, read_meta_file(meta_path)
+        ck.notes.append(f'tokenizer: read from {meta_path}' + (' (--meta, in place of the one stored)'
+                                                               if stored not in (None, ck.tokenizer) else ''))
     return ck
 
 

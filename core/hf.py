@@ -13,7 +13,6 @@ from pathlib import Path
 from core.commit import (CheckpointError, DamagedError, commit_directory, load_tensors, read_json, read_manifest,
                          read_safetensors, save_safetensors, verify_file, write_json)
 from core.kind import STATE_FILE, Checkpoint, Kind, config_from_dict
-from core.nanogpt import read_meta_file
 from core.tokenizer import hf_tokenizer, load_tokenizer, spec_from_hf_tokenizer
 
 HF_WEIGHTS = 'model.safetensors' # transformers' file name for the weights
@@ -212,9 +211,6 @@ def read_hf_checkpoint(path, meta_path=None):
     tokenizer = hf_dir_tokenizer(path)
     if tokenizer is None:
         tokenizer = {'token_kind': 'gpt2'} if fields['vocab_size'] in (50257, 50304) else None
-    if meta_path: # a vocabulary named on the command line (--meta) wins
-        tokenizer = read_meta_file(meta_path)
-        notes.append(f'tokenizer: read from {meta_path}')
     return Checkpoint(path, HF, config_from_dict(fields, path), tokenizer, state.get('step', 0),
                       state.get('best_val_loss'), state, notes, weights=weights)
 

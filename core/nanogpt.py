@@ -87,7 +87,9 @@ def legacy_tokenizer(path, ck, run_config, vocab_size, meta_path, notes):
     dataset = dataset if is_plain_name(dataset) else None # a name from the file: never a path outside data/
     # nanoGPT's sample.py looks in data/<dataset>/ where it runs; also look beside the run (<root>/out/ckpt.pt)
     roots = (Path('data'), Path(path).resolve().parent.parent / 'data', Path(__file__).resolve().parents[1] / 'data')
-    candidates = [Path(meta_path)] if meta_path else [Path(path).parent / 'meta.pkl'] + [ # beside: our export's
+    if meta_path:
+        return None # read_checkpoint reads --meta, for every kind
+    candidates = [Path(path).parent / 'meta.pkl'] + [ # beside: our export's
         d / dataset / name for d in roots if dataset for name in ('meta.json', 'meta.pkl')]
     for p in candidates:
         if p.is_file():

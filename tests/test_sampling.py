@@ -151,6 +151,22 @@ def test_sample_py_samples_as_generate_py_with_nanogpts_options(tmp_path, monkey
     assert samples(other) != samples(same) # the data tells temperature 0.8 from 1.0
 
 
+def test_meta_names_the_vocabulary_of_every_kind(tmp_path):
+    from core.hf import export_hf
+    from core.nanogpt import export_nanogpt
+    model = peaked_bundle(tmp_path / 'bundle')  # stores its vocabulary
+    export_hf(model, tmp_path / 'hf')  # a char model's export stores none
+    export_nanogpt(model, tmp_path / 'nanogpt' / 'ckpt.pt', tokenizer={'token_kind': 'char', 'chars': CHARS})
+    flipped = {'token_kind': 'char', 'chars': CHARS[::-1]}
+    (tmp_path / 'meta.json').write_text(json.dumps({'vocab_size': len(CHARS), 'tokenizer': flipped}))
+    for name in ('bundle', 'hf', 'nanogpt/ckpt.pt'):
+        ck = read_checkpoint(tmp_path / name, meta_path=tmp_path / 'meta.json')
+        assert ck.kind == name.split('/')[0] and ck.tokenizer == flipped, name
+        assert any(n.startswith(f"tokenizer: read from {tmp_path / 'meta.json'}") for n in ck.notes), ck.notes
+    assert read_checkpoint(tmp_path / 'bundle').tokenizer['chars'] == CHARS  # without --meta: its own
+    assert read_checkpoint(tmp_path / 'nanogpt/ckpt.pt').tokenizer['chars'] == CHARS  # the meta.pkl beside it
+
+
 def test_sample_py_takes_the_vocabulary_of_a_checkpoint_that_stores_none(tmp_path, monkeypatch, capsys):
     model = peaked_bundle(tmp_path / 'with')
     bare = GPT(model.config)
