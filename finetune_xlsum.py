@@ -84,8 +84,8 @@ def get_args(argv=None):
     a('--lora_rank', type=int, default=0, help='LoRA of this rank on every attention and MLP weight (0: full fine-tuning)')
     a('--lora_alpha', type=float, help='LoRA scale alpha / rank (default: alpha = rank)')
     a('--resume', action='store_true', help='continue from <run dir>/last exactly where it stopped')
-    a('--stop_after_steps', type=int, help='stop after this many steps in all, as if interrupted (the schedule stays '
-      'that of the whole run): --resume goes on')
+    a('--stop_after_steps', type=int, help='stop at this step (counted from the start of the run, not of this '
+      'process), as if interrupted; the schedule stays the whole run\'s: --resume goes on')
     a('--n_head', type=int, help="the head count (default: --size's, else the known table's)")
     a('--from_disk', action='store_true', help='--dataset_repo is a save_to_disk DatasetDict with a language column')
     a('--train_file'); a('--valid_file'); a('--test_file')
@@ -276,14 +276,16 @@ def train_step(model, optimizer, scaler, micro_batches, ctx, device, max_grad_no
 def check_size(args, family, model, source):
     got = family.shape(model)
     if args.size and SIZES[args.size] != got:
+        known = [name for name, shape in SIZES.items() if shape == got]
         raise CheckpointError(f'--size {args.size} expects (layers, heads, dim) = {SIZES[args.size]}, but {source} has '
-                              f'{got}: name its own size (or drop --size: the shape is read from the checkpoint)')
+                              f'{got}: ' + (f'it is --size {known[0]}' if known else 'drop --size (the shape is read from '
+                                            'the checkpoint; --n_head gives the heads of a shape outside the table)'))
 
 
 def tokenizer_for(args, spec, source):
     """ the tokenizer: --tokenizer_json, else the one the checkpoint stored """
     if args.tokenizer_json:
-        given = find_tokenizer(args.tokenizer_json)[0]
+        given = find_tokenizer(args.tokenizer_json, flag='--tokenizer_json')[0]
         if spec is not None and given != spec:
             print(f'note: --tokenizer_json {args.tokenizer_json} is not the tokenizer {source} stored; using '
                   '--tokenizer_json')
@@ -294,10 +296,13 @@ def tokenizer_for(args, spec, source):
 
 
 def check_vocabulary(tok, family, model, source):
-    if tok.vocab_size > family.vocab_rows(model):
-        raise TokenizerError(f'the tokenizer has {tok.vocab_size} tokens, but {source} has only '
-                             f'{family.vocab_rows(model)} embedding rows: it is not the tokenizer this checkpoint '
-                             'was pretrained with (--tokenizer_json)')
+    rows = family.vocab_rows(model)
+    if tok.vocab_size > rows:
+        raise TokenizerError(f'the tokenizer has {tok.vocab_size} tokens, but {source} has only {rows} embedding rows: '
+                             'it is not the tokenizer this checkpoint was pretrained with (--tokenizer_json)')
+    if -(-tok.vocab_size // 128) * 128 < rows:  # more rows than padding to a multiple of 128 explains
+        print(f'note: the tokenizer has {tok.vocab_size} tokens and {source} {rows} embedding rows, more than padding '
+              'explains: is it the tokenizer the checkpoint was pretrained with?')
 
 
 def load_model(path, args, lora=None):
@@ -337,7 +342,7 @@ def load_examples(args, tok, spec):
     path = args.packed_data_dir
     if path and os.path.exists(os.path.join(path, 'metadata.json')):
         examples = read_packs(path, settings)
-        where = f'packs {path}'
+        where = f'the packs in {path}'
     elif path and not args.build_packs_if_missing:
         raise DataError(f'--packed_data_dir {path} holds no packs (no metadata.json); pass --build_packs_if_missing to '
                         'build them there, or leave out --packed_data_dir to tokenise in memory')
@@ -416,6 +421,9 @@ def train(args, rank, world):
     steps_per_epoch, total_steps = step_counts(args, len(train), world)
     warmup_steps = int(total_steps * args.warmup_ratio)
     stop_at = min(total_steps, args.stop_after_steps or total_steps)
+    if args.max_steps > total_steps:
+        print(f'note: --max_steps {args.max_steps} is more than --num_train_epochs {args.num_train_epochs:g} take '
+              f'({total_steps} steps): the epochs end the run (raise --num_train_epochs for more)')
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lora = lora_config(args)
     print(f'trainable: {trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters of a '
@@ -551,7 +559,8 @@ def evaluate_only(args):
                                                         shifted=False)[0]
         rows.append(row)
         examples += [{'language': lang, 'prediction': p, 'reference': r} for p, r in zip(preds, refs)]
-        print(f"[{lang}] rougeL={row['rougeL']:.4f} bleu={row['bleu']:.2f} token_loss={row['token_loss']:.4f}")
+        print(f"[{lang}] rougeL={row['rougeL']:.4f} bleu={row['bleu']:.2f} token_loss={row['token_loss']:.4f}"
+              + (f" (unshifted, the fork's: {row['token_loss_unshifted']:.4f})" if args.unshifted_loss else ''))
     write_results(args, rows, examples, spec, info)
 
 

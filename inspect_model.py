@@ -60,7 +60,8 @@ def gpt_state(ck):
 def classifier_config(ck):
     """ finetune_hindi_xnli.py's bundle: its own config (a modded-nanogpt backbone and a classification head) """
     config = ck.details
-    lines = [', '.join(f'{k}:{v}' for k, v in config.items() if not isinstance(v, (dict, list)) and k != 'format_version')]
+    lines = [', '.join(f'{k}:{v!r}' if isinstance(v, str) and '\n' in v else f'{k}:{v}' for k, v in config.items()
+                       if not isinstance(v, (dict, list)) and k != 'format_version')]
     if config.get('labels'):
         lines.append(f"labels: {', '.join(map(str, config['labels']))}")
     if isinstance(config.get('pretrained'), dict):

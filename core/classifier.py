@@ -54,7 +54,7 @@ def config_kind(path):
         return None # absent or not JSON: the bundle reader names the problem
 
 
-def finetuned_kind(name, declared, title, looks):
+def finetuned_kind(name, declared, title, looks, instead):
     """ the KINDS row of a fine-tuned modded-nanogpt bundle whose config.json says kind = `declared`: the bundle's
     file names, but a model for a task, not a GPT of ours """
     def read(path, meta_path=None):
@@ -63,11 +63,13 @@ def finetuned_kind(name, declared, title, looks):
         tokenizer = read_json(Path(path) / TOKENIZER_FILE) if (Path(path) / TOKENIZER_FILE).exists() else None
         return Checkpoint(path, row, None, tokenizer, state.get('step', 0), None, state, details=config)
     row = Kind(name, title, lambda p: p if p.is_dir() and config_kind(p) == declared else None, read, None, gpt=False,
-               looks=looks)
+               looks=looks, instead=instead)
     return row
 
 
 CLASSIFIER = finetuned_kind('classifier', CLASSIFIER_KIND, 'Fine-tuned classifier (finetune_hindi_xnli.py), not a GPT '
-                            'language model', 'a fine-tuned classifier directory')
+                            'language model', 'a fine-tuned classifier directory',
+                            'finetune_hindi_xnli.py --eval_only --checkpoint_path DIR scores it')
 MODDED_LM = finetuned_kind('modded_lm', MODDED_LM_KIND, 'Fine-tuned modded-nanogpt language model (finetune_xlsum.py): '
-                           'GPTBatched with its LM head', 'a generative fine-tune directory')
+                           'GPTBatched with its LM head', 'a generative fine-tune directory',
+                           'finetune_xlsum.py --eval_only --model_ckpt DIR generates from it and scores it')

@@ -252,8 +252,8 @@ def load_splits(args):
     return examples._replace(rows=train), valid, test, {**where, 'language': language}
 
 
-def dataset_splits(args):
-    """ ({split name: table}, a description) of the `datasets` source the flags name """
+def dataset_splits(args, cache_flag='--hf_cache', folder_flags='--from_disk --parent_dataset DIR'):
+    """ ({split name: table}, a description) of the `datasets` source the flags name (named as the caller's are) """
     datasets = import_datasets()
     if args.from_disk:
         if getattr(args, 'dataset_config', None):
@@ -282,8 +282,8 @@ def dataset_splits(args):
         except Exception as e:  # offline hub names end here as ConnectionError; unknown names as FileNotFoundError
             hint = '' if os.path.isdir(parent) else (
                 ' Offline, a hub dataset loads only from the datasets cache where it was downloaded before '
-                '(--hf_cache DIR, default ./cache when it exists, with HF_DATASETS_OFFLINE=1); or save it on a '
-                'machine that is online with save_to_disk and pass that directory with --from_disk --parent_dataset DIR')
+                f'({cache_flag} DIR, default ./cache when it exists, with HF_DATASETS_OFFLINE=1); or save it on a '
+                f'machine that is online with save_to_disk and pass that directory with {folder_flags}')
             raise DataError(f'datasets could not load {parent!r}{f" (subset {name!r})" if name else ""}: {e}.{hint}') from None
         origin = parent + (f' ({name})' if name else '')
     splits = loaded if isinstance(loaded, dict) else {'train': loaded}
@@ -294,17 +294,22 @@ def dataset_splits(args):
 # tokenizer lookup, as the fork's finetune.py does it
 
 
-def find_tokenizer(name, tokenizer_dir='tokenizers'):
-    """ the tokenizer spec --tokenizer_name names: a path, a file in --tokenizer_dir, or 'gpt2' (tiktoken's) """
+def find_tokenizer(name, tokenizer_dir='tokenizers', flag='--tokenizer_name'):
+    """ the tokenizer spec `flag` names: a path, a file in --tokenizer_dir, or 'gpt2' (tiktoken's); a file is a
+    Hugging Face tokenizer.json, or the tokenizer.json of one of our checkpoints (a spec with its token_kind) """
     candidates = [name] + [os.path.join(tokenizer_dir, f) for f in (name, f'{name}.json', f'{name}-tokenizer.json',
                                                                        f'{name}-vocab.json')]
     for path in candidates:
         if os.path.isfile(path):
             try:
+                with open(path, encoding='utf-8') as f:
+                    ours = json.load(f)
+                if isinstance(ours, dict) and 'token_kind' in ours:
+                    return ours, path
                 return hf_spec_from_file(path), path
-            except TokenizerError as e:
-                raise TokenizerError(f'{path} (--tokenizer_name {name}): {e}') from None
+            except (TokenizerError, ValueError) as e:
+                raise TokenizerError(f'{path} ({flag} {name}): {e}') from None
     if name == 'gpt2':
         return {'token_kind': 'gpt2'}, 'gpt2 (tiktoken)'
     raise TokenizerError(f'no tokenizer {name!r}: expected a Hugging Face tokenizer.json file at one of '
-                         f'{", ".join(candidates)} (--tokenizer_name, --tokenizer_dir), or --tokenizer_name gpt2')
+                         f'{", ".join(candidates)} ({flag}, --tokenizer_dir), or {flag} gpt2')

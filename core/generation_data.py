@@ -40,9 +40,11 @@ def eos_id(tok):
     if eos is None:
         eos = 50256
     if eos >= tok.vocab_size:
-        raise DataError(f'the tokenizer ({tok.vocab_size} tokens) has none of the end tokens {", ".join(EOS_TOKENS)}, '
-                        'and the fork\'s fallback id 50256 is not one of its ids: a generated summary could never end; '
-                        'use a tokenizer with an end-of-text token')
+        raise DataError(f'the tokenizer ({tok.spec.get("token_kind")}, {tok.vocab_size} tokens) has none of the end '
+                        f'tokens {", ".join(EOS_TOKENS)}, and the fork\'s fallback id 50256 is not one of its ids: a '
+                        'generated summary could never end. Fine-tune a model whose tokenizer has one (a modded-nanogpt '
+                        'checkpoint with its tokenizer.json, or a GPT trained on data that data/prepare.py --tokenizer '
+                        'tokenised)')
     return eos
 
 
@@ -99,7 +101,8 @@ def pairs_of(rows, where, source, target, language_column, language=None):
     if missing:
         raise DataError(f'{where} has no column {", ".join(map(repr, missing))}; expected the source {source!r} and '
                         f'target {target!r} columns (--representation, or --source_column/--target_column)'
-                        + ('' if language else f' and the language column {language_column!r} (--language_column)')
+                        + ('' if language else f' and the language column {language_column!r} (--language_column; '
+                           'data of one language: --languages NAME)')
                         + f'; found columns: {", ".join(sorted(names))}')
     return [{'language': language or str(r[language_column]), 'source': str(r[source] or ''),
              'target': str(r[target] or '')} for _, r in rows]
@@ -111,8 +114,12 @@ def read_pairs(args, splits=SPLITS):
     languages = list(args.languages)
     by_split = {s: {} for s in splits}
     files = {'train': args.train_file, 'validation': args.valid_file, 'test': args.test_file}
-    if any(files.values()) or args.from_disk:
-        if args.from_disk:
+    saved = os.path.isfile(os.path.join(args.dataset_repo, 'dataset_dict.json'))  # what save_to_disk writes
+    if saved and not args.from_disk and not any(files.values()):
+        print(f'note: {args.dataset_repo} is a save_to_disk folder: read as one DatasetDict with a language column '
+              '(as --from_disk says)')
+    if any(files.values()) or args.from_disk or saved:
+        if args.from_disk or saved:
             tables, where = dataset_splits(Namespace(from_disk=True, parent_dataset=args.dataset_repo))
             named = {s: f'{where} [{s}]' for s in tables}
         else:
@@ -132,8 +139,13 @@ def read_pairs(args, splits=SPLITS):
             by_split[split] = {lang: found.get(lang, []) for lang in languages if lang in found}
         return by_split
     for language in languages:  # a hub repo (or a local folder) with one config per language, as the fork reads it
+        if os.path.isdir(args.dataset_repo) and not os.path.isdir(os.path.join(args.dataset_repo, language)):
+            raise DataError(f'{args.dataset_repo} has no folder {language!r}: a local --dataset_repo holds a folder per '
+                            f'language (--languages); found {", ".join(sorted(os.listdir(args.dataset_repo))) or "nothing"}'
+                            '. A save_to_disk DatasetDict with a language column is read with --from_disk')
         tables, where = dataset_splits(Namespace(from_disk=False, parent_dataset=args.dataset_repo, dataset=language,
-                                                 no_subset=False, hf_cache=args.dataset_cache_dir))
+                                                 no_subset=False, hf_cache=args.dataset_cache_dir),
+                                       '--dataset_cache_dir', '--from_disk --dataset_repo DIR')
         for split in splits:
             if split not in tables:
                 raise DataError(f'{where} has no {split} split; found {", ".join(tables) or "none"}')

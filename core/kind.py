@@ -36,6 +36,7 @@ class Kind:
     looks: str = ''     # what it is on disk, for the message that no checkpoint was found ('' : never read)
     weights_only: str = '' # why it never holds an optimizer state, for inspect_model.py ('': it may hold one)
     committed: bool = False # written whole by core/commit.py: found elsewhere, it is an interrupted save's sibling
+    instead: str = ''   # gpt=False: the tool that does take it, for the refusal
 
 
 # -----------------------------------------------------------------------------
@@ -123,8 +124,9 @@ class Checkpoint:
     def require_gpt(self):
         if not self.row.gpt:
             title = self.row.title
-            raise CheckpointError(f'{self.path} is a {title[0].lower() + title[1:]}: it holds no GPT language model to '
-                                  'train, sample from or convert. inspect_model.py shows what it holds.')
+            raise CheckpointError(f'{self.path} is a {title[0].lower() + title[1:]}, not one of our GPTs: train.py, '
+                                  f'generate.py and convert_checkpoints.py do not take it; {self.row.instead} '
+                                  '(inspect_model.py shows what it holds)')
 
     def file(self, name):
         return os.path.join(self.path, name)

@@ -522,9 +522,29 @@ def bad(xlsum, tmp_path, monkeypatch, capsys, *args):
     return out
 
 
+def test_a_save_to_disk_folder_is_read_as_one_whatever_the_flag_and_tokenizers_are_checked(xlsum, tmp_path, capsys):
+    from core.generation_data import read_pairs
+    args = ft.get_args(flags(xlsum, '--pretrained_ckpt', xlsum.small, '--dataset_repo', xlsum.disk))
+    without = read_pairs(args)
+    assert 'is a save_to_disk folder' in capsys.readouterr().out
+    args.from_disk = True
+    assert read_pairs(args) == without and list(without['train']) == list(LANGUAGES)
+    assert {p['language'] for p in without['train']['urdu']} == {'urdu'}  # each language its own rows
+    # a checkpoint's own tokenizer.json is a tokenizer too; one much smaller than the embedding rows is said
+    assert ft.find_tokenizer(str(xlsum.gpt / 'tokenizer.json'), flag='--tokenizer_json')[0] == \
+        read_checkpoint(xlsum.gpt).tokenizer
+    model = GPTBatched(2048, 8, 2, 64, 16, head_dim=32, lm_head_rows=2048)
+    ft.check_vocabulary(xlsum.tok, generative_models.MODDED, model, 'm.pt')
+    assert 'the tokenizer has 1500 tokens and m.pt 2048 embedding rows' in capsys.readouterr().out
+    ft.check_vocabulary(xlsum.tok, generative_models.MODDED, GPTBatched(1536, 8, 2, 64, 16, head_dim=32), 'm.pt')
+    assert capsys.readouterr().out == ''  # 1500 padded to 1536: as pretraining pads
+
+
 def test_bad_inputs_get_one_clear_error_and_leave_nothing_behind(xlsum, tmp_path, monkeypatch, capsys):
     out = bad(xlsum, tmp_path, monkeypatch, capsys, '--pretrained_ckpt', xlsum.small, '--size', 'medium')
     assert '--size medium expects (layers, heads, dim) = (16, 8, 1024)' in out and '(8, 2, 64)' in out
+    out = bad(xlsum, tmp_path, monkeypatch, capsys, '--pretrained_ckpt', xlsum.small, '--languages', 'english', 'klingon')
+    assert "has no folder 'klingon'" in out and 'english' in out.split('found')[1]
     out = bad(xlsum, tmp_path, monkeypatch, capsys, '--pretrained_ckpt', xlsum.small, '--representation', 'romanized',
               '--source_column', 'text_latin')
     assert "no column 'text_latin'" in out and 'text_romanized' not in out.split('found columns')[0]
