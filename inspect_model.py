@@ -81,6 +81,18 @@ def classifier_state(ck):
     return lines + [f"Optimizer state: {'optimizer.pt' if os.path.exists(ck.file('optimizer.pt')) else 'none'}"]
 
 
+def describe_probe(ck, verify):
+    """ the probe the checkpoint stores; with --verify, the model built and the probe run (a mismatch exits 1) """
+    probe = ck.probe()
+    if probe is None:
+        return ['none stored (written before checkpoints carried one): nothing to verify']
+    stored = (f"{len(probe['ids'])} sequences of {len(probe['ids'][0])} tokens: their next-token log-probabilities "
+              f"and the last position's top {len(probe['top_ids'][0])} logits, as the saving model computed them")
+    if not verify:
+        return [stored, '--verify builds the model and runs it']
+    return [stored, ck.build_model()[1]['probe']]
+
+
 def main(args):
     ck = open_checkpoint(args)
     gpt = ck.config is not None # else a checkpoint of another kind of model (KINDS' gpt=False rows)
@@ -90,10 +102,14 @@ def main(args):
                 'TOKENIZER': describe_tokenizer(ck.tokenizer),
                 'TRAINING STATE': [f'Last recorded training step: {ck.step}'] + (gpt_state(ck) if gpt else classifier_state(ck))
                                   + [f'Note: {note}' for note in ck.notes]}
+    if gpt:
+        sections['PROBE'] = describe_probe(ck, args.verify)
     print('\n\n'.join(f'=== {name} ===\n' + '\n'.join(lines) for name, lines in sections.items()))
 
 
 if __name__ == '__main__':
     parser = Parser(description=__doc__.strip().splitlines()[0])
     add_checkpoint_args(parser)
+    parser.add_argument('--verify', action='store_true', help='build the model and run the probe the checkpoint stores: '
+                        'exit 1 when the model does not compute what the saved one did')
     run(main, parser.parse_args())

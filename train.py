@@ -52,6 +52,7 @@ async_save = False # True: training waits only while a save copies the state to 
 init_from = 'scratch' # 'scratch', 'resume' (from out_dir), or a path (a bundle, ckpt.pt, Hugging Face GPT-2 dir)
 resume_from = '' # a bundle directory or legacy checkpoint file to resume from (implies resuming)
 adapter_from = '' # a peft LoRA adapter directory to continue, with its settings; its base model: init_from, or DIR/base
+probe_check = True # False: go on when the loaded model fails the probe its checkpoint stores (said, for experts)
 # wandb logging
 wandb_log = False # disabled by default
 wandb_project = 'nanogpt-checkpoints'
@@ -223,7 +224,7 @@ else:
     if shard_by_shard:
         shard_model(model, device_type, ptdtype)
         model.to_empty(device=device)
-    report = ckpt.load_into(model)
+    report = ckpt.load_into(model, probe_check)
     log(describe_load(ckpt, report) + ('; each process read its own shards' if shard_by_shard else ''))
     for note in notes:
         log(f"note: {note}")

@@ -24,6 +24,8 @@ from model import GPTConfig, is_lora_factor, standard_key
 from core.commit import (MANIFEST_FILE, CheckpointError, DamagedError, check_sizes, commit_directory, interrupted_save,
                          read_json, save_tensors, verify_file, write_json)
 from core.fsdp import is_shard_file, is_sharded, load_optimizer_state
+from core.probe import make_probe
+from core.tokenizer import spec_vocab_size
 from core.kind import (ADAPTER_FILE, BUNDLE_FILES, CONFIG_FILE, FORMAT_VERSION, JSON_FILES, MODEL_FILE, OPTIMIZER_FILE,
                        STATE_FILE, TOKENIZER_FILE, Checkpoint, Kind, adapter_config, config_from_dict, config_to_json)
 
@@ -133,7 +135,9 @@ def save_bundle(checkpoint_dir, model, step, optimizer=None, tokenizer=None, bes
         named = optimizer
     else:
         named = named_optimizer_state(model, optimizer) if optimizer is not None else None
-    state = training_state(model, step, best_val_loss, val_loss, run_config, extra_state,
+    # what these weights compute on the probe, measured before the save: every load of the bundle compares
+    probe = make_probe(model, spec_vocab_size(tokenizer) if tokenizer else None)
+    state = training_state(model, step, best_val_loss, val_loss, run_config, extra_state, probe,
                            optimizer_file=OPTIMIZER_FILE if named is not None else None,
                            adapter_file=ADAPTER_FILE if factors else None)
 
@@ -200,8 +204,8 @@ def wait_for_saves():
     BACKGROUND_SAVES.wait()
 
 
-def training_state(model, step, best_val_loss, val_loss, run_config, extra_state, **files):
-    """ training_state.json: where the run stands, and which files hold what """
+def training_state(model, step, best_val_loss, val_loss, run_config, extra_state, probe=None, **files):
+    """ training_state.json: where the run stands, which files hold what, and the probe of these weights """
     return {
         'format_version': FORMAT_VERSION,
         'step': int(step),
@@ -211,6 +215,7 @@ def training_state(model, step, best_val_loss, val_loss, run_config, extra_state
         'adapter': adapter_config(model.config),  # what the run trained with
         'config': run_config or {},
         **(extra_state or {}),
+        **({'probe': probe} if probe else {}),
     }
 
 

@@ -157,6 +157,6 @@ def describe_load(ck, report):
         what.append(f"{len(report['restored_lora'])} adapters restored")
     if report['fresh_lora']:
         what.append(f"{len(report['fresh_lora'])} adapters initialised fresh")
-    return '; '.join(what + ck.notes)
+    return '; '.join(what + ck.notes) + (f"\n{report['probe']}" if report.get('probe') else '')
 
 

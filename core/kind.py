@@ -15,6 +15,8 @@ import torch
 
 from model import ADAPTER_FIELDS, ADAPTER_RANKS, GPT, GPTConfig, load_universal_state_dict, standardize_state_dict
 from core.commit import CheckpointError, DamagedError, is_plain_name, load_verified
+from core.fsdp import is_sharded
+from core.probe import check_probe
 from core.tokenizer import spec_vocab_size
 
 FORMAT_VERSION = 1
@@ -201,24 +203,38 @@ class Checkpoint:
         """ this checkpoint's base architecture with the given adapter settings (and dropout) laid over it """
         return GPTConfig(**{**dataclasses.asdict(self.config), **adapter_settings})
 
-    def load_into(self, model):
-        """ the weights into any adapter layout; adapters restored when the run trained with the same alpha """
+    def load_into(self, model, probe_check=True):
+        """
+        The weights into any adapter layout; adapters restored when the run trained with the same alpha. Then the
+        checkpoint's probe runs on the loaded model (report['probe'] is the line to print); a mismatch raises,
+        unless probe_check=False. A model sharded over processes is checked where its shards are gathered.
+        """
         saved = self.training_state.get('adapter') or {}
         same_alpha = saved.get('lora_alpha') == model.config.lora_alpha
         weights, adapters = self.weights_for(model, same_alpha)
-        return load_universal_state_dict(model, weights, lora_alpha=self.lora_alpha, source=self.path, adapters=adapters)
+        report = load_universal_state_dict(model, weights, lora_alpha=self.lora_alpha, source=self.path,
+                                           adapters=adapters)
+        if not is_sharded(model):
+            into = f'a GPT with adapters {describe_adapters(adapter_config(model.config))}'
+            report['probe'] = check_probe(model, self.probe(), f'{self.path} ({self.kind})', into, probe_check)
+        return report
+
+    def probe(self):
+        """ the probe the checkpoint stores, or None """
+        probe = self.training_state.get('probe')
+        return probe if isinstance(probe, dict) else None
 
     def weights_for(self, model, with_adapters):
         """ (weights, adapters or None) for `model` """
         return self.weights(), self.adapter_state() if with_adapters else None
 
-    def build_model(self, device='cpu', **adapter_settings):
+    def build_model(self, device='cpu', probe_check=True, **adapter_settings):
         self.check_config() # before anything is built
         if self.tokenizer is not None and spec_vocab_size(self.tokenizer) > self.config.vocab_size:
             raise CheckpointError(f'{self.path}: its tokenizer produces {spec_vocab_size(self.tokenizer)} ids but the model '
                                   f'has {self.config.vocab_size} embedding rows: tokenizer.json does not belong to these weights')
         model = GPT.on_meta(self.model_config(**adapter_settings)) # no init of weights about to be replaced
-        report = self.load_into(model)
+        report = self.load_into(model, probe_check)
         model.tokenizer_spec = self.tokenizer
         return model.to(device), report
 

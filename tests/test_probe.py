@@ -1,0 +1,81 @@
+"""
+The probe every bundle carries (core/probe.py): stored at save, run on every load, into any adapter layout or rank;
+a weight loaded wrong or changed after the save stops the load with the deviation named; an older bundle without a
+probe loads with a note; inspect_model.py --verify runs it.
+"""
+
+import json
+
+import pytest
+import torch
+
+from core.checkpoint import read_checkpoint, save_bundle
+from core.commit import file_checksum, load_tensors, save_tensors, write_json
+from core.probe import LENGTH, SEQUENCES, ProbeMismatchError, probe_difference
+from model import GPT, GPTConfig
+from tests.helpers import run_in_process
+
+CHARS = list('abcdefghijklmnopqrstuvwxyz \n')
+
+
+def bundle(path, **adapters):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=16, **adapters))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.5)  # LoRA factors too: a dropped scale would change the function
+    save_bundle(path, model, 3, tokenizer={'token_kind': 'char', 'chars': CHARS})
+    return model
+
+
+def test_a_bundle_stores_its_probe_and_every_load_into_another_form_passes_it(tmp_path):
+    saved = bundle(tmp_path / 'lora', attn_lora_rank=4, mlp_lora_rank=2, lora_alpha=8.0)
+    ck = read_checkpoint(tmp_path / 'lora')
+    probe = ck.probe()
+    assert len(probe['ids']) == SEQUENCES and len(probe['ids'][0]) == LENGTH
+    assert max(max(row) for row in probe['ids']) < len(CHARS)  # inside the tokenizer's ids, not the padding rows
+    for adapters in ({}, dict(attn_lora_rank=4, mlp_lora_rank=2, lora_alpha=8.0), dict(attn_lora_rank=8, lora_alpha=2.0),
+                     dict(embedding_mode='lora', embedding_rank=4)):
+        model, report = ck.build_model(**adapters)  # merged, restored, another rank, LoRA on the embedding
+        assert report['probe'].startswith('probe: |diff| ') and 'over 60 values' in report['probe'], adapters
+        assert probe_difference(model, probe)[0] < 1e-5
+    assert probe_difference(saved, probe)[0] == 0.0  # what the saving model computed
+
+
+def test_inspect_verify_runs_the_probe(tmp_path, monkeypatch, capsys):
+    bundle(tmp_path / 'b')
+    code, out = run_in_process('inspect_model.py', '--checkpoint', tmp_path / 'b', '--verify', cwd=tmp_path,
+                               monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and '=== PROBE ===' in out and 'probe: |diff| 0.0e+00 over 60 values' in out
+
+
+def test_a_weight_changed_after_the_save_stops_the_load_and_names_the_deviation(tmp_path, monkeypatch, capsys):
+    bundle(tmp_path / 'b')
+    weights = load_tensors(tmp_path / 'b' / 'model.pt')
+    key = 'transformer.h.0.attn.c_attn.weight'
+    weights[key] = weights[key].t().reshape(weights[key].shape).contiguous()  # one matrix, its layout wrong
+    save_tensors(tmp_path / 'b' / 'model.pt', weights)
+    manifest = json.loads((tmp_path / 'b' / 'manifest.json').read_text())  # the checksum made to fit: bytes look fine
+    manifest['files']['model.pt'] = {'size': (tmp_path / 'b' / 'model.pt').stat().st_size,
+                                     'xxh3_64': file_checksum(tmp_path / 'b' / 'model.pt')}
+    write_json(tmp_path / 'b' / 'manifest.json', manifest)
+    with pytest.raises(ProbeMismatchError, match=r'largest deviation is [\d.e+-]+ over 60 values') as e:
+        read_checkpoint(tmp_path / 'b').build_model()
+    assert 'into a GPT with adapters none (standard)' in str(e.value)
+    code, out = run_in_process('inspect_model.py', '--checkpoint', tmp_path / 'b', '--verify', cwd=tmp_path,
+                               monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and 'error: probe: the model built from' in out and 'Traceback' not in out
+    _, report = read_checkpoint(tmp_path / 'b').build_model(probe_check=False)  # an expert's choice: said, not fatal
+    assert 'largest deviation' in report['probe'] and report['probe'].endswith('(the probe check is off: going on)')
+
+
+def test_an_older_bundle_without_a_probe_loads_with_a_note(tmp_path, monkeypatch, capsys):
+    bundle(tmp_path / 'old')
+    state = json.loads((tmp_path / 'old' / 'training_state.json').read_text())
+    del state['probe']
+    write_json(tmp_path / 'old' / 'training_state.json', state)
+    _, report = read_checkpoint(tmp_path / 'old').build_model()
+    assert report['probe'] == 'probe: no probe stored (a checkpoint older than probes): the load is not checked'
+    code, out = run_in_process('inspect_model.py', '--checkpoint', tmp_path / 'old', '--verify', cwd=tmp_path,
+                               monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 0 and 'none stored' in out
