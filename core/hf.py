@@ -13,7 +13,8 @@ from pathlib import Path
 from core.commit import (CheckpointError, DamagedError, commit_directory, load_tensors, read_json, read_manifest,
                          read_safetensors, save_safetensors, verify_file, write_json)
 from core.kind import STATE_FILE, Checkpoint, Kind, config_from_dict
-from core.tokenizer import hf_tokenizer, load_tokenizer, spec_from_hf_tokenizer
+from core.probe import make_probe
+from core.tokenizer import hf_tokenizer, load_tokenizer, spec_from_hf_tokenizer, spec_vocab_size
 
 HF_WEIGHTS = 'model.safetensors' # transformers' file name for the weights
 
@@ -119,7 +120,7 @@ def model_card(config, about, params, usage):
 
 HF_FILES = (HF_WEIGHTS, 'config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json',
             'README.md', 'training_state.json')
-EXPORT_STATE = ('step', 'best_val_loss', 'val_loss', 'config') # what our training_state.json in an export holds
+EXPORT_STATE = ('step', 'best_val_loss', 'val_loss', 'config', 'probe') # what our training_state.json in an export holds
 
 
 def export_state_file(about):
@@ -131,7 +132,8 @@ def export_state_file(about):
 def export_hf(model, out_dir, tokenizer=None, about=None):
     """ the merged weights as a transformers GPT-2 directory: config.json + model.safetensors (the tied head is left
     to transformers to tie), the tokenizer, generation_config.json, a model card, and our training_state.json """
-    write_hf_dir(out_dir, model.config, model.get_merged_state_dict(), tokenizer, about or {})
+    probe = make_probe(model, spec_vocab_size(tokenizer) if tokenizer else None)  # checked when it is read back
+    write_hf_dir(out_dir, model.config, model.get_merged_state_dict(), tokenizer, {**(about or {}), 'probe': probe})
     return out_dir
 
 
@@ -240,8 +242,8 @@ def export_state(path, weights_name, notes):
     if not isinstance(state, dict) or not (isinstance(state.get('step', 0), int) and state.get('step', 0) >= 0):
         raise CheckpointError(f'{path / STATE_FILE}: expected a JSON object whose step is a whole number >= 0, found '
                               f'{str(state)[:80]}')
-    return {k: v for k, v in state.items() if k in EXPORT_STATE and (k == 'step' or k == 'config' and isinstance(v, dict)
-                                                                   or k != 'config' and isinstance(v, (int, float)))}
+    return {k: v for k, v in state.items() if k in EXPORT_STATE and (k == 'step' or k in ('config', 'probe') and
+                                                                   isinstance(v, dict) or isinstance(v, (int, float)))}
 
 
 def export_about(ck):

@@ -18,6 +18,8 @@ from model import ADAPTER_FIELDS, GPT, GPTConfig
 from core.bundle import name_optimizer_state, positional_names
 from core.commit import CheckpointError, atomic_write, is_plain_name, load_tensors, read_json
 from core.kind import STANDARD, Checkpoint, Kind, config_from_dict, infer_base_config
+from core.probe import make_probe
+from core.tokenizer import spec_vocab_size
 
 LEGACY_NAMES = ('latest.pt', 'final.pt', 'ckpt.pt')  # looked for, in this order, in a directory with no bundle
 NANOGPT_ARGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
@@ -70,7 +72,8 @@ def read_legacy(path, meta_path=None):
     best = ck.get('best_val_loss')
     best = float(best) if best is not None else None  # nanoGPT stores a 0-d tensor here
     state = {'step': step, 'best_val_loss': best, 'config': run_config,
-             'adapter': {f: args[f] for f in ADAPTER_FIELDS if f in args}}
+             'adapter': {f: args[f] for f in ADAPTER_FIELDS if f in args},
+             **({'probe': ck['probe']} if isinstance(ck.get('probe'), dict) else {})}
     return Checkpoint(path, NANOGPT if 'model_args' in ck else LEGACY, config, tokenizer, step, best, state,
                       notes, weights=weights, optimizer=optimizer, lora_alpha=lora_alpha)
 
@@ -171,7 +174,9 @@ def export_nanogpt(model, path, step=0, best_val_loss=None, named_optimizer=None
     checkpoint = {'model': model.get_merged_state_dict(), 'optimizer': {'state': state, 'param_groups': groups},
                   'model_args': {f: getattr(config, f) for f in NANOGPT_ARGS}, 'iter_num': int(step),
                   'best_val_loss': float(best_val_loss) if best_val_loss is not None else 1e9,
-                  'config': {k: v for k, v in (run_config or {}).items() if isinstance(v, (int, float, str, bool))}}
+                  'config': {k: v for k, v in (run_config or {}).items() if isinstance(v, (int, float, str, bool))},
+                  # one key more than nanoGPT's (its scripts ignore it): checked when the file is read back
+                  'probe': make_probe(model, spec_vocab_size(tokenizer) if tokenizer else None)}
     meta = None
     if tokenizer and tokenizer.get('token_kind') == 'char':
         meta = {'vocab_size': len(tokenizer['chars']), 'itos': dict(enumerate(tokenizer['chars'])),

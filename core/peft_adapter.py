@@ -21,6 +21,8 @@ from core.commit import CheckpointError, commit_directory, read_safetensors, sav
 from core.hf import (GPT2_NAMES, export_about, export_state, export_state_file, hf_dir_tokenizer, is_hf_dir, model_card,
                      pretrained_gpt2_dir, read_hf_checkpoint, tokenizer_files, write_hf_dir)
 from core.kind import ADAPTER_FILE, STATE_FILE, Checkpoint, Kind, describe_adapters
+from core.probe import make_probe
+from core.tokenizer import spec_vocab_size
 
 PEFT_CONFIG, PEFT_WEIGHTS = 'adapter_config.json', 'adapter_model.safetensors'
 BASE_DIR = 'base' # convert --to peft writes the base model as a Hugging Face GPT-2 directory here
@@ -258,7 +260,8 @@ def write_peft(ck, model, out, force=False):
     if report['fresh_lora']:
         raise CheckpointError(f'{ck.path} was trained with LoRA, but its factors were not saved with it (no '
                               f'{ADAPTER_FILE}: a deploy-only save), so there are no adapters to export: export it --to hf')
-    about = export_about(ck)
+    # the probe of the adapted model: what base + adapter must compute when they are read back
+    about = {**export_about(ck), 'probe': make_probe(lora, spec_vocab_size(ck.tokenizer) if ck.tokenizer else None)}
     base = os.path.join(out, BASE_DIR)
     files, _ = tokenizer_files(ck.tokenizer, ck.config.block_size) if ck.tokenizer else ({}, None)
     files[STATE_FILE] = export_state_file(about)

@@ -98,7 +98,8 @@ def test_export_to_nanogpt_resumes_like_nanogpt(tmp_path):
     save_bundle(tmp_path / 'bundle', model, 3, optimizer, best_val_loss=2.5)
     code, out = run_script('convert_checkpoints.py', tmp_path / 'bundle', '--to', 'nanogpt', tmp_path / 'ckpt.pt', cwd=tmp_path)
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
-    assert set(ckpt) == {'model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config'}
+    # nanoGPT's six keys, and our probe (its scripts ignore keys they do not read)
+    assert set(ckpt) == {'model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config', 'probe'}
     assert tuple(ckpt['model_args']) == NANOGPT_ARGS and ckpt['iter_num'] == 3 and ckpt['best_val_loss'] == 2.5
     # what nanoGPT's train.py does on --init_from=resume (its GPT has our keys): build, load strictly, load the optimizer
     resumed = GPT(GPTConfig(**ckpt['model_args']))

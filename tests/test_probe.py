@@ -79,3 +79,31 @@ def test_an_older_bundle_without_a_probe_loads_with_a_note(tmp_path, monkeypatch
     code, out = run_in_process('inspect_model.py', '--checkpoint', tmp_path / 'old', '--verify', cwd=tmp_path,
                                monkeypatch=monkeypatch, capsys=capsys)
     assert code == 0 and 'none stored' in out
+
+
+def test_our_exports_carry_the_probe_and_their_imports_run_it(tmp_path):
+    from core.hf import export_hf
+    from core.nanogpt import export_nanogpt
+    model = bundle(tmp_path / 'b')
+    export_hf(model, tmp_path / 'hf')
+    export_nanogpt(model, tmp_path / 'nanogpt' / 'ckpt.pt', tokenizer={'token_kind': 'char', 'chars': CHARS})
+    for name in ('hf', 'nanogpt/ckpt.pt'):
+        _, report = read_checkpoint(tmp_path / name).build_model()
+        assert report['probe'].startswith('probe: |diff| ') and 'over 60 values' in report['probe'], name
+    # nanoGPT's file has no manifest: a matrix transposed in it is caught by the probe alone
+    ck = torch.load(tmp_path / 'nanogpt' / 'ckpt.pt', weights_only=True)
+    key = 'transformer.h.1.mlp.c_proj.weight'
+    ck['model'][key] = ck['model'][key].flip(0)
+    torch.save(ck, tmp_path / 'nanogpt' / 'ckpt.pt')
+    with pytest.raises(ProbeMismatchError, match='nanogpt'):
+        read_checkpoint(tmp_path / 'nanogpt' / 'ckpt.pt').build_model()
+
+
+def test_a_peft_export_carries_the_probe_of_base_and_adapter(tmp_path):
+    from core.peft_adapter import write_peft
+    bundle(tmp_path / 'lora', attn_lora_rank=4, lora_alpha=8.0)
+    ck = read_checkpoint(tmp_path / 'lora')
+    write_peft(ck, None, tmp_path / 'peft')
+    peft = read_checkpoint(tmp_path / 'peft')
+    _, report = peft.build_model(**peft.trained_adapters())
+    assert report['probe'].startswith('probe: |diff| ') and peft.probe()['ids'] == ck.probe()['ids']
