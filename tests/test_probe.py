@@ -11,7 +11,7 @@ import torch
 
 from core.checkpoint import read_checkpoint, save_bundle
 from core.commit import file_checksum, load_tensors, save_tensors, write_json
-from core.probe import LENGTH, SEQUENCES, ProbeMismatchError, probe_difference
+from core.probe import LENGTH, SEQUENCES, ProbeMismatchError, make_probe, probe_difference
 from model import GPT, GPTConfig
 from tests.helpers import run_in_process
 
@@ -107,3 +107,22 @@ def test_a_peft_export_carries_the_probe_of_base_and_adapter(tmp_path):
     peft = read_checkpoint(tmp_path / 'peft')
     _, report = peft.build_model(**peft.trained_adapters())
     assert report['probe'].startswith('probe: |diff| ') and peft.probe()['ids'] == ck.probe()['ids']
+
+
+def test_the_probe_holds_what_its_docs_say_measured_in_eval_mode():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.5)).train()
+    probe = make_probe(model, vocab_size=20)
+    assert model.training and make_probe(model, vocab_size=20) == probe  # eval mode: no dropout, then train again
+    ids = torch.tensor(probe['ids'])
+    assert ids.max() < 20
+    with torch.no_grad():
+        logits = model.eval()(ids, targets=ids)[0]
+    log_probs = torch.log_softmax(logits, -1)
+    for b in range(len(ids)):  # each position's log-probability of the token that follows it
+        expected = [log_probs[b, t, ids[b, t + 1]].item() for t in range(ids.size(1) - 1)]
+        assert probe['next_log_probs'][b] == pytest.approx(expected, abs=1e-6)
+    assert (torch.tensor(probe['top_logits']) - logits[:, -1].topk(8).values).abs().max() < 1e-6
+    # the load compares the logits at the stored entries: another set of entries is compared as stored
+    other = {**probe, 'top_ids': [list(range(8))] * len(ids), 'top_logits': logits[:, -1, :8].tolist()}
+    assert probe_difference(model, other)[0] < 1e-6
