@@ -224,12 +224,10 @@ else:
     if shard_by_shard:
         shard_model(model, device_type, ptdtype)
         model.to_empty(device=device)
-    report = ckpt.load_into(model, probe_check)
+    report = ckpt.load_into(model, probe_check, block_size) # nanoGPT's crop to a smaller block_size, then the probe
     log(describe_load(ckpt, report) + ('; each process read its own shards' if shard_by_shard else ''))
     for note in notes:
         log(f"note: {note}")
-    if block_size < ckpt.config.block_size: # nanoGPT's crop: the first block_size position embeddings
-        model.crop_block_size(block_size)
     block_size = config['block_size'] = min(block_size, ckpt.config.block_size)
     model.tokenizer_spec = ckpt.tokenizer or meta['tokenizer']
     iter_num = ckpt.step

@@ -203,17 +203,20 @@ class Checkpoint:
         """ this checkpoint's base architecture with the given adapter settings (and dropout) laid over it """
         return GPTConfig(**{**dataclasses.asdict(self.config), **adapter_settings})
 
-    def load_into(self, model, probe_check=True):
+    def load_into(self, model, probe_check=True, block_size=None):
         """
-        The weights into any adapter layout; adapters restored when the run trained with the same alpha. Then the
-        checkpoint's probe runs on the loaded model (report['probe'] is the line to print); a mismatch raises,
-        unless probe_check=False. A model sharded over processes is checked where its shards are gathered.
+        The weights into any adapter layout; adapters restored when the run trained with the same alpha; cropped to
+        block_size (nanoGPT's crop: the first position embeddings) when it is smaller. Then the checkpoint's probe
+        runs on the loaded model (report['probe'] is the line to print); a mismatch raises, unless
+        probe_check=False. A model sharded over processes is checked where its shards are gathered.
         """
         saved = self.training_state.get('adapter') or {}
         same_alpha = saved.get('lora_alpha') == model.config.lora_alpha
         weights, adapters = self.weights_for(model, same_alpha)
         report = load_universal_state_dict(model, weights, lora_alpha=self.lora_alpha, source=self.path,
                                            adapters=adapters)
+        if block_size is not None and block_size < model.config.block_size:
+            model.crop_block_size(block_size)
         if not is_sharded(model):
             into = f'a GPT with adapters {describe_adapters(adapter_config(model.config))}'
             report['probe'] = check_probe(model, self.probe(), f'{self.path} ({self.kind})', into, probe_check)

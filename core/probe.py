@@ -51,11 +51,15 @@ def make_probe(model, vocab_size=None):
 
 
 def probe_difference(model, probe):
-    """ (largest |diff|, number of values compared) of `model` on a stored probe """
-    ids = torch.tensor(probe['ids'])
+    """ (largest |diff|, number of values compared) of `model` on a stored probe; a model cropped to fewer positions
+    than the probe's is compared on its first ones (their next-token log-probabilities) """
+    ids, saved = torch.tensor(probe['ids']), torch.tensor(probe['next_log_probs'])
+    if model.config.block_size < ids.size(1):
+        ids, saved = ids[:, :model.config.block_size], saved[:, :model.config.block_size - 1]
+        return (measure(model, ids)[0] - saved).abs().max().item(), saved.numel()
     next_log_probs, last = measure(model, ids)
     ours = torch.cat([next_log_probs.flatten(), last.gather(-1, torch.tensor(probe['top_ids'])).flatten()])
-    saved = torch.cat([torch.tensor(probe['next_log_probs']).flatten(), torch.tensor(probe['top_logits']).flatten()])
+    saved = torch.cat([saved.flatten(), torch.tensor(probe['top_logits']).flatten()])
     return (ours - saved).abs().max().item(), ours.numel()
 
 

@@ -126,3 +126,17 @@ def test_the_probe_holds_what_its_docs_say_measured_in_eval_mode():
     # the load compares the logits at the stored entries: another set of entries is compared as stored
     other = {**probe, 'top_ids': [list(range(8))] * len(ids), 'top_logits': logits[:, -1, :8].tolist()}
     assert probe_difference(model, other)[0] < 1e-6
+
+
+def test_a_load_cropped_to_fewer_positions_than_the_probe_compares_its_first_ones(tmp_path):
+    bundle(tmp_path / 'b')
+    ck = read_checkpoint(tmp_path / 'b')
+    model = GPT.on_meta(ck.model_config())
+    report = ck.load_into(model, block_size=5)
+    assert model.config.block_size == 5 and 'over 16 values' in report['probe']  # 4 sequences x 4 next tokens
+    weights = dict(ck.weights())
+    weights['transformer.wpe.weight'] = weights['transformer.wpe.weight'].clone()
+    weights['transformer.wpe.weight'][2] += torch.randn(16)  # a position the cropped model keeps
+    ck.stored_weights = lambda: weights
+    with pytest.raises(ProbeMismatchError):
+        ck.load_into(GPT.on_meta(ck.model_config()), block_size=5)
