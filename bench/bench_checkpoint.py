@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from model import GPT, GPTConfig, LoRALinear
 from core.checkpoint import CheckpointManager, apply_optimizer_state, read_checkpoint, save_bundle, wait_for_saves
 from core.commit import file_checksum, finish_cleanups
+from core.probe import make_probe
 from load_checkpoint_helper import load_pretrained_checkpoint, make_random_checkpoint
 
 SIZES = {
@@ -202,6 +203,10 @@ def main(size, out_json=None):
     t_read_warm, _ = best_time(read_pass(weights))
     t_load_warm, _ = best_time(load)
     row('model load, warm (verified, mmap, assign)', t_load_warm, 'read pass over model.pt', t_read_warm, target=('<=', 3))
+    # the probe (core/probe.py): one forward of 4 x 8 tokens, part of every save and of every load timed above
+    t_probe, _ = best_time(lambda: make_probe(model))
+    row('probe forward, its share of the bundle save', t_probe, 'the bundle save', t_save, target=('<=', 0.01))
+    row('probe forward, its share of the warm load', t_probe, 'the warm model load', t_load_warm, target=('<=', 0.01))
     t_hash, _ = best_time(lambda: file_checksum(weights))
     t_crc, _ = best_time(lambda: file_checksum(weights, 'crc32'))
     row('  of which xxh3 checksum of model.pt', t_hash, 'zlib.crc32 of the same', t_crc)

@@ -10,7 +10,8 @@ from tests.helpers import run_script
 
 EXPECTED_ROWS = ['bundle save', 'model save', 'LoRA merge', 'model load, warm', 'model load, cold', 'peak RSS growth',
                  'full resume', 'load_for_inference', 'modded small -> GPTBatched', 'LoRA train step',
-                 'fine-tuning throughput', 'test_checkpoint_loading.py on it', "  finetune_hindi_xnli.py's load"]
+                 'fine-tuning throughput', 'test_checkpoint_loading.py on it', "  finetune_hindi_xnli.py's load",
+                 'probe forward, its share of the bundle save', 'probe forward, its share of the warm load']
 
 
 def test_benchmark_tiny_runs_and_reports_ratios(tmp_path):
