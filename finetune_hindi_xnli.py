@@ -32,7 +32,7 @@ from load_checkpoint_helper import load_pretrained_checkpoint
 from model import add_modded_lora, set_modded_lora_factors
 from core.args import Parser
 from core.bundle import rng_state, set_rng_state
-from core.classifier import CLASSIFIER_KIND, lora_config, read_bundle_tensors, save_classifier
+from core.classifier import CLASSIFIER_KIND, load_bundle_weights, lora_config, read_bundle_tensors, save_classifier
 from core.cli import DEFAULT_DTYPE, DTYPES, SetupError, check_device, run, start_wandb
 from core.commit import CheckpointError, is_plain_name, read_json, recover, write_json
 from core.finetune_data import (LABELS, DataError, dataset_splits, find_tokenizer, load_splits,
@@ -328,11 +328,7 @@ def load_classifier(path, device='cpu'):
     except KeyError as e:
         raise CheckpointError(f'{path}/config.json has no {e} field; expected the config that '
                               'finetune_hindi_xnli.py writes') from None
-    try:
-        model.load_state_dict(read_bundle_tensors(path, 'model.pt'))
-    except RuntimeError as e:
-        raise CheckpointError(f'{path}/model.pt does not fit its config.json: {str(e).splitlines()[0]}') from None
-    return model.to(device), config, read_json(os.path.join(path, 'tokenizer.json'))
+    return load_bundle_weights(path, model).to(device), config, read_json(os.path.join(path, 'tokenizer.json'))
 
 
 def bundle_config(info, arch, args, names=LABELS):

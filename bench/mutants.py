@@ -93,6 +93,7 @@ TESTS = {
     'core/generative_models.py': ['tests/test_finetune_xlsum.py'],
     'core/text_metrics.py': ['tests/test_text_metrics.py'],
     'core/probe.py': ['tests/test_probe.py'],
+    'core/classifier.py': ['tests/test_finetune_xlsum.py', 'tests/test_finetune_xnli.py::test_end_to_end_train_evaluate_and_resume'],
     'core/training.py': ['tests/test_checkpoint.py::test_lr_schedule_is_nanogpts',
                          'tests/test_checkpoint.py::test_train_step_accumulates_clips_and_prefetches',
                          'tests/test_checkpoint.py::test_estimate_loss_is_the_same_sample_each_time_in_eval_mode',
@@ -610,6 +611,11 @@ MUTANTS = [
      "EOS_TOKENS = ('<|endoftext|>', '<|eot_id|>', '</s>', '<eos>')", "not the fork's EOS order"),
     ('core/generation_data.py', "differ = [k for k in PACK_SETTINGS if k in meta and meta[k] != settings[k]]",
      'differ = []', 'packs of other settings accepted'),
+    # core/classifier.py: the fine-tuned modded bundles
+    ('core/classifier.py', "model.load_state_dict(read_bundle_tensors(path, 'model.pt'))",
+     "model.load_state_dict(read_bundle_tensors(path, 'model.pt'), strict=False)", 'a bundle that misfits its config loaded'),
+    ('core/classifier.py', "lambda p: p if p.is_dir() and config_kind(p) == declared else None",
+     "lambda p: p if p.is_dir() else None", 'every directory taken for a fine-tuned bundle'),
     # core/probe.py: every load proves itself
     ('core/probe.py', 'if not diff <= tolerance:  # NaN fails too', 'if False:', 'a mismatch passes'),
     ('core/probe.py', "next_log_probs = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]",

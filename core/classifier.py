@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from model import modded_lora_state
-from core.commit import check_sizes, commit_directory, load_verified, read_json, save_tensors, write_json
+from core.commit import CheckpointError, check_sizes, commit_directory, load_verified, read_json, save_tensors, write_json
 from core.kind import BUNDLE_FILES, CONFIG_FILE, JSON_FILES, STATE_FILE, TOKENIZER_FILE, Checkpoint, Kind
 
 CLASSIFIER_KIND = 'nli_classifier' # what its config.json says it is
@@ -43,6 +43,15 @@ def lora_config(args):
 
 def read_bundle_tensors(path, name):
     return load_verified(path, name, check_sizes(path, editable=JSON_FILES)) # sizes, then checksum, then load
+
+
+def load_bundle_weights(path, model):
+    """ model.pt into a model built from the bundle's config.json, strictly; a misfit names both files """
+    try:
+        model.load_state_dict(read_bundle_tensors(path, 'model.pt'))
+    except RuntimeError as e:
+        raise CheckpointError(f'{path}/model.pt does not fit its config.json: {str(e).splitlines()[0]}') from None
+    return model
 
 
 def config_kind(path):

@@ -18,7 +18,8 @@ from load_checkpoint_helper import ModdedCheckpointError, load_pretrained_checkp
 from model import GPTBatched, add_modded_lora, set_modded_lora_factors
 from core.bundle import apply_optimizer_state, save_bundle
 from core.checkpoint import read_checkpoint
-from core.classifier import MODDED_LM_KIND, config_kind, lora_config, read_bundle_tensors, save_classifier
+from core.classifier import (MODDED_LM_KIND, config_kind, load_bundle_weights, lora_config, read_bundle_tensors,
+                             save_classifier)
 from core.commit import CheckpointError, read_json, recover
 from core.generation_data import SIZES
 
@@ -57,10 +58,7 @@ class ModdedLM:
         except KeyError as e:
             raise CheckpointError(f'{path}/config.json has no {e} field; expected the config finetune_xlsum.py '
                                   'writes') from None
-        try:
-            model.load_state_dict(read_bundle_tensors(path, 'model.pt'))
-        except RuntimeError as e:
-            raise CheckpointError(f'{path}/model.pt does not fit its config.json: {str(e).splitlines()[0]}') from None
+        load_bundle_weights(path, model)
         state = read_json(os.path.join(path, 'training_state.json'))
         saved, fresh = config.get('lora'), []
         if lora:

@@ -160,22 +160,23 @@ def wandb_offline_run(wandb_dir):
     return history, summary
 
 
-def interrupted_after_first_save(monkeypatch, module, run):
-    """ run() with module.save_classifier crashing right after its first save of a last/ directory: a fine-tune cut
-    at its first evaluation, its last/ complete """
+def interrupted_after_first_save(monkeypatch, owner, run, name='save_classifier'):
+    """ run() with owner.<name> (a module's function, or a class's static method) crashing right after its first save
+    of a last/ directory: a fine-tune cut at its first evaluation, its last/ complete """
     import pytest
 
     class Crash(Exception):
         pass
-    save = module.save_classifier
+    save = getattr(owner, name)
     def save_then_crash(path, *a, **k):
         save(path, *a, **k)
         if os.path.basename(path) == 'last':
             raise Crash
-    monkeypatch.setattr(module, 'save_classifier', save_then_crash)
+    wrap = staticmethod if isinstance(owner, type) else (lambda f: f)
+    monkeypatch.setattr(owner, name, wrap(save_then_crash))
     with pytest.raises(Crash):
         run()
-    monkeypatch.setattr(module, 'save_classifier', save)
+    monkeypatch.setattr(owner, name, wrap(save))
 
 
 class Logits(torch.nn.Module):

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -24,7 +25,7 @@ import finetune_xlsum as ft
 from core.beam_search import beam_search, beam_search_without_cache
 from core.checkpoint import read_checkpoint
 from core.classifier import read_bundle_tensors
-from core.commit import read_json
+from core.commit import file_checksum, load_tensors, read_json, save_tensors, write_json
 from core.generation_data import (EOS_TOKENS, encode_pair, encode_prompt, eos_id, mix, pack_settings, read_packs,
                                   subsample, write_packs)
 from core.finetune_data import DataError
@@ -35,7 +36,7 @@ from load_checkpoint_helper import load_pretrained_checkpoint, make_random_check
 from core.bundle import save_bundle
 from model import GPT, GPTBatched, GPTConfig, GPTFlexAttention, KVCache
 from test_checkpoint_loading import reference_features
-from tests.helpers import REPO, run_in_process
+from tests.helpers import REPO, interrupted_after_first_save, run_in_process
 
 TINY = dict(num_layers=8, num_heads=2, model_dim=64, head_dim=32)  # layer 7 has no attention, as in every layout
 
@@ -353,22 +354,6 @@ def test_packs_are_read_back_and_refused_when_built_with_other_settings(xlsum, t
 # ----------------------------------------------------------------------------- end to end
 
 
-def cut_after_first_save(monkeypatch, family, run):
-    """ run() with the family's save crashing right after its first save of a last/: a run cut at its first
-    evaluation, its last/ complete """
-    class Crash(Exception):
-        pass
-    save = family.save
-    def save_then_crash(path, *args, **kwargs):
-        save(path, *args, **kwargs)
-        if os.path.basename(path) == 'last':
-            raise Crash
-    monkeypatch.setattr(family, 'save', staticmethod(save_then_crash))
-    with pytest.raises(Crash):
-        run()
-    monkeypatch.setattr(family, 'save', staticmethod(save))
-
-
 def run(xlsum, tmp_path, monkeypatch, *extra):
     monkeypatch.chdir(tmp_path)
     with torch.random.fork_rng(devices=[]):
@@ -385,8 +370,8 @@ def test_a_cut_run_resumes_exactly_and_its_bundles_evaluate(xlsum, tmp_path, mon
               *(['--lora_rank', 4] if lora else [])]
     monkeypatch.setitem(ft.SIZES, 'small', (8, 2, 64))  # the tiny checkpoint stands for a small one
     run(xlsum, tmp_path, monkeypatch, *common, '--run_name', 'whole')
-    cut_after_first_save(monkeypatch, generative_models.ModdedLM,
-                         lambda: run(xlsum, tmp_path, monkeypatch, *common, '--run_name', 'cut'))
+    interrupted_after_first_save(monkeypatch, generative_models.ModdedLM,
+                                 lambda: run(xlsum, tmp_path, monkeypatch, *common, '--run_name', 'cut'), 'save')
     run(xlsum, tmp_path, monkeypatch, *common, '--run_name', 'cut', '--resume')
     out = capsys.readouterr().out
     assert 'resuming from' in out and 'at step 1 of 5' in out
@@ -415,6 +400,24 @@ def test_a_cut_run_resumes_exactly_and_its_bundles_evaluate(xlsum, tmp_path, mon
         rows = list(csv.DictReader(f))
     assert [r['language'] for r in rows] == [*LANGUAGES, 'macro', 'weighted']
     assert abs(float(rows[6]['token_loss']) - sum(r['token_loss'] for r in report['per_language']) / 6) < 1e-9
+    broken = tmp_path / 'broken'  # a config.json edited so that it no longer describes model.pt
+    shutil.copytree(run_dir / 'best', broken)
+    write_json(broken / 'config.json', {**read_json(broken / 'config.json'), 'num_layers': 9})
+    evaluate = ['--eval_only', '--model_ckpt', broken, '--context_len', 96, '--max_new_tokens', 8, '--output_json',
+                tmp_path / 'b.json']
+    code, text = run_in_process('finetune_xlsum.py', *evaluate, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and f'{broken}/model.pt does not fit its config.json' in text and 'Traceback' not in text
+    shutil.rmtree(broken)  # and a model.pt that lacks a weight (its checksum made to fit): refused, never left random
+    shutil.copytree(run_dir / 'best', broken)
+    weights = load_tensors(broken / 'model.pt')
+    del weights['blocks.0.mlp.fc_w']
+    save_tensors(broken / 'model.pt', weights)
+    manifest = read_json(broken / 'manifest.json')
+    manifest['files']['model.pt'] = {'size': (broken / 'model.pt').stat().st_size,
+                                     'xxh3_64': file_checksum(broken / 'model.pt')}
+    write_json(broken / 'manifest.json', manifest)
+    code, text = run_in_process('finetune_xlsum.py', *evaluate, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 1 and f'{broken}/model.pt does not fit its config.json' in text
 
 
 def test_our_gpt_fine_tunes_resumes_exactly_with_lora_and_its_bundles_serve_every_tool(xlsum, tmp_path, monkeypatch,
@@ -422,8 +425,8 @@ def test_our_gpt_fine_tunes_resumes_exactly_with_lora_and_its_bundles_serve_ever
     common = ['--pretrained_ckpt', xlsum.gpt, '--max_steps', 4, '--eval_every_steps', 2, '--lora_rank', 4,
               '--lora_alpha', 8]
     run(xlsum, tmp_path, monkeypatch, *common, '--run_name', 'whole')
-    cut_after_first_save(monkeypatch, generative_models.OurGPT,
-                         lambda: run(xlsum, tmp_path, monkeypatch, *common, '--run_name', 'cut'))
+    interrupted_after_first_save(monkeypatch, generative_models.OurGPT,
+                                 lambda: run(xlsum, tmp_path, monkeypatch, *common, '--run_name', 'cut'), 'save')
     run(xlsum, tmp_path, monkeypatch, *common, '--run_name', 'cut', '--resume')
     assert 'of a GPT model (LoRA rank 4' in capsys.readouterr().out
     runs = tmp_path / 'out-xlsum' / 'text' / 'model'
